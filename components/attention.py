@@ -1,0 +1,266 @@
+"""Causal self-attention: MHA, GQA and DeepSeek's multi-head latent attention (MLA).
+
+Every variant takes ``x`` [B, T, C] and integer ``positions`` [T], and returns [B, T, C]. Passing a
+``cache`` dict switches to incremental decoding: the layer appends what it caches for the new
+tokens and attends over everything cached so far. Each variant reports the bytes it caches per
+token, the number MLA exists to shrink.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.linear import LinearFactory
+from components.registry import Registry, require
+from components.rope import RotaryEmbedding, apply_rope
+
+ATTENTION = Registry("attention")
+
+
+def _append(cache: dict[str, torch.Tensor], name: str, new: torch.Tensor, dim: int) -> torch.Tensor:
+    """Append ``new`` to ``cache[name]`` along the time dim ``dim``; return the whole cached tensor."""
+    if name in cache:
+        new = torch.cat((cache[name], new), dim=dim)
+    cache[name] = new
+    return new
+
+
+def _decode_mask(positions: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Causal mask [T, S] for queries at ``positions`` over keys at positions 0..S-1."""
+    keys = torch.arange(n_keys, device=positions.device)
+    return keys[None, :] <= positions[:, None]
+
+
+class GroupedQueryAttention(nn.Module):
+    """MHA when ``n_kv_heads == n_heads``, GQA (shared key/value heads) when fewer."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        rope_theta: float,
+        linear: LinearFactory,
+    ):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.qk_head_dim = self.v_head_dim = head_dim
+        self.wq = linear(d_model, n_heads * head_dim)
+        self.wk = linear(d_model, n_kv_heads * head_dim)
+        self.wv = linear(d_model, n_kv_heads * head_dim)
+        self.wo = linear(n_heads * head_dim, d_model)
+        self.rope = RotaryEmbedding(head_dim, rope_theta)
+
+    def kv_cache_values_per_token(self) -> int:
+        return 2 * self.n_kv_heads * self.head_dim
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return self.kv_cache_values_per_token() * bytes_per_value
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.wq(x).view(B, T, H, D).transpose(1, 2)
+        k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)
+        v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
+        cos, sin = self.rope(positions)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:
+            k, v = _append(cache, "k", k, dim=2), _append(cache, "v", v, dim=2)
+            mask = _decode_mask(positions, k.shape[2])
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=Hkv != H
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA (DeepSeek-V2/V3): keys and values come from a shared low-rank latent.
+
+    Training path: expand the latent into per-head keys/values and run SDPA. Decoding path: cache
+    only the normalised latent ``c_kv`` and the one rope key ``k_pe`` shared by all heads, and
+    absorb the key up-projection into the query and the value up-projection into the output, so
+    attention runs directly against the latent (an MQA over ``kv_lora_rank + rope`` dims).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        q_lora_rank: int,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        rope_theta: float,
+        norm_eps: float,
+        linear: LinearFactory,
+    ):
+        super().__init__()
+        self.n_heads, self.q_lora_rank, self.kv_lora_rank = n_heads, q_lora_rank, kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        qk_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.qk_head_dim, self.v_head_dim = qk_dim, v_head_dim
+        if q_lora_rank > 0:
+            self.wq_a = linear(d_model, q_lora_rank)
+            self.q_norm = nn.RMSNorm(q_lora_rank, eps=norm_eps)
+            self.wq_b = linear(q_lora_rank, n_heads * qk_dim)
+        else:
+            self.wq = linear(d_model, n_heads * qk_dim)
+        self.wkv_a = linear(d_model, kv_lora_rank + qk_rope_head_dim)
+        self.kv_norm = nn.RMSNorm(kv_lora_rank, eps=norm_eps)
+        self.wkv_b = linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim))
+        self.wo = linear(n_heads * v_head_dim, d_model)
+        self.rope = RotaryEmbedding(qk_rope_head_dim, rope_theta)
+        self.scale = qk_dim**-0.5  # 1/sqrt(nope + rope): the full query-key dot product
+
+    def kv_cache_values_per_token(self) -> int:
+        return self.kv_lora_rank + self.rope_dim
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return self.kv_cache_values_per_token() * bytes_per_value
+
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank > 0 else self.wq(x)
+        q = q.view(B, T, self.n_heads, self.nope + self.rope_dim).transpose(1, 2)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)  # [B, H, T, nope], [B, H, T, rope]
+
+    def _latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_norm(c_kv), apply_rope(k_pe, cos, sin)  # [B, T, L], [B, T, rope]
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        cos, sin = self.rope(positions)
+        q_nope, q_pe = self._queries(x, cos, sin)
+        c_kv, k_pe = self._latents(x, cos, sin)
+        if cache is not None:
+            y = self._attend_latent(q_nope, q_pe, c_kv, k_pe, positions, cache)
+        else:
+            kv = self.wkv_b(c_kv).view(B, T, H, self.nope + self.v_dim).transpose(1, 2)
+            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+            q = torch.cat((q_nope, q_pe), dim=-1)
+            k = torch.cat((k_nope, k_pe[:, None].expand(B, H, T, self.rope_dim)), dim=-1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    def _attend_latent(self, q_nope, q_pe, c_kv, k_pe, positions, cache) -> torch.Tensor:
+        """Absorbed attention over the cached latent; returns per-head values [B, H, T, v]."""
+        w_kv_b = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv_b.split([self.nope, self.v_dim], dim=1)  # [H, nope, L], [H, v, L]
+        c_kv = _append(cache, "c_kv", c_kv, dim=1)  # [B, S, L]
+        k_pe = _append(cache, "k_pe", k_pe, dim=1)  # [B, S, rope]
+        q = torch.cat((torch.einsum("bhtn,hnl->bhtl", q_nope, w_uk), q_pe), dim=-1)
+        k = torch.cat((c_kv, k_pe), dim=-1)[:, None]  # one key head shared by all query heads
+        mask = _decode_mask(positions, c_kv.shape[1])
+        o = F.scaled_dot_product_attention(
+            q, k, c_kv[:, None], attn_mask=mask, scale=self.scale, enable_gqa=True
+        )  # [B, H, T, L]
+        return torch.einsum("bhtl,hvl->bhtv", o, w_uv)
+
+
+ATTENTION_TYPES = (GroupedQueryAttention, MultiHeadLatentAttention)
+
+
+def _check_heads(n_heads: int, d_model: int, head_dim: int | None) -> int:
+    require(n_heads >= 1, "attention.n_heads", n_heads, "a positive integer")
+    if head_dim is None:
+        require(
+            d_model % n_heads == 0,
+            "attention.n_heads",
+            n_heads,
+            f"a divisor of d_model={d_model} (or set attention.head_dim)",
+        )
+        head_dim = d_model // n_heads
+    require(
+        head_dim > 0 and head_dim % 2 == 0,
+        "attention.head_dim",
+        head_dim,
+        "a positive even number (RoPE rotates pairs)",
+    )
+    return head_dim
+
+
+@ATTENTION.register("mha")
+def build_mha(
+    d_model: int,
+    linear: LinearFactory,
+    n_heads: int = 8,
+    head_dim: int | None = None,
+    rope_theta: float = 10000.0,
+) -> GroupedQueryAttention:
+    head_dim = _check_heads(n_heads, d_model, head_dim)
+    return GroupedQueryAttention(d_model, n_heads, n_heads, head_dim, rope_theta, linear)
+
+
+@ATTENTION.register("gqa")
+def build_gqa(
+    d_model: int,
+    linear: LinearFactory,
+    n_heads: int = 8,
+    n_kv_heads: int = 2,
+    head_dim: int | None = None,
+    rope_theta: float = 10000.0,
+) -> GroupedQueryAttention:
+    head_dim = _check_heads(n_heads, d_model, head_dim)
+    require(
+        n_kv_heads >= 1 and n_heads % n_kv_heads == 0,
+        "attention.n_kv_heads",
+        n_kv_heads,
+        f"a positive divisor of attention.n_heads={n_heads}",
+    )
+    return GroupedQueryAttention(d_model, n_heads, n_kv_heads, head_dim, rope_theta, linear)
+
+
+@ATTENTION.register("mla")
+def build_mla(
+    d_model: int,
+    linear: LinearFactory,
+    n_heads: int = 8,
+    q_lora_rank: int = 0,
+    kv_lora_rank: int = 128,
+    qk_nope_head_dim: int = 32,
+    qk_rope_head_dim: int = 16,
+    v_head_dim: int = 32,
+    rope_theta: float = 10000.0,
+    norm_eps: float = 1e-6,
+) -> MultiHeadLatentAttention:
+    require(n_heads >= 1, "attention.n_heads", n_heads, "a positive integer")
+    require(
+        q_lora_rank >= 0, "attention.q_lora_rank", q_lora_rank, "0 (no query compression) or a positive rank"
+    )
+    for key, value in (
+        ("kv_lora_rank", kv_lora_rank),
+        ("qk_nope_head_dim", qk_nope_head_dim),
+        ("v_head_dim", v_head_dim),
+    ):
+        require(value >= 1, f"attention.{key}", value, "a positive integer")
+    require(
+        qk_rope_head_dim > 0 and qk_rope_head_dim % 2 == 0,
+        "attention.qk_rope_head_dim",
+        qk_rope_head_dim,
+        "a positive even number (RoPE rotates pairs)",
+    )
+    return MultiHeadLatentAttention(
+        d_model,
+        n_heads,
+        q_lora_rank,
+        kv_lora_rank,
+        qk_nope_head_dim,
+        qk_rope_head_dim,
+        v_head_dim,
+        rope_theta,
+        norm_eps,
+        linear,
+    )

@@ -1,0 +1,21 @@
+"""The one place that makes the projection matrices of the model.
+
+Every ``nn.Linear`` that a precision recipe may later replace (attention projections, dense FFN
+matrices, MTP projections) is created through a ``LinearFactory``. Components take the factory as
+an argument, so swapping the recipe is a change at the model's top, not in every component.
+Embedding, output head, norms and the MoE router stay out of it on purpose: DeepSeek-V3 keeps them
+in high precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+LinearFactory = Callable[[int, int], nn.Module]
+
+
+def make_linear(in_features: int, out_features: int) -> nn.Module:
+    """The default projection: a bias-free ``nn.Linear`` (DeepSeek-V3 uses no biases)."""
+    return nn.Linear(in_features, out_features, bias=False)

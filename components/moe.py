@@ -1,0 +1,245 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts behind a top-k router.
+
+    y = sum(shared experts(x)) + sum over the k selected experts of g_i * expert_i(x)
+
+Routing (DeepSeek-V3): affinities s = sigmoid(x W_r^T) (or softmax); selection takes the top-k of
+s + b, where b is the load-balancing bias, optionally limited to the best ``topk_groups`` of
+``n_groups`` expert groups; the combine weights g use s alone, normalised over the selected experts
+and multiplied by ``route_scale``. The bias therefore changes *which* experts serve a token, never
+*how much* a selected expert contributes.
+
+Dispatch is vectorised: the (token, expert) pairs are sorted by expert, the experts run as one
+grouped GEMM over contiguous row blocks, and the results are scattered back with their weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.balance import LoadBalance
+from components.ffn import FFN, SwiGLU
+from components.linear import LinearFactory
+from components.registry import require
+
+SCORE_FUNCS = ("sigmoid", "softmax")
+GEMM_BACKENDS = ("auto", "grouped_mm", "padded")
+
+
+class Router(nn.Module):
+    """Top-k expert selection. Computed in fp32 as in DeepSeek-V3 (gating stays high precision)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        score_func: str,
+        route_scale: float,
+        n_groups: int,
+        topk_groups: int,
+        norm_topk: bool,
+    ):
+        super().__init__()
+        self.n_experts, self.top_k, self.score_func = n_experts, top_k, score_func
+        self.route_scale, self.n_groups, self.topk_groups, self.norm_topk = (
+            route_scale,
+            n_groups,
+            topk_groups,
+            norm_topk,
+        )
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        # The aux-free balance bias: a buffer (saved in checkpoints, never touched by the optimiser).
+        self.register_buffer("bias", torch.zeros(n_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, C] -> affinities [N, E], selected experts [N, K], combine weights [N, K] (fp32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach() + self.bias
+        if self.n_groups > 1:
+            choice = self._keep_best_groups(choice)
+        topk_idx = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, topk_idx)
+        if self.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores, topk_idx, weights * self.route_scale
+
+    def _keep_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Mask all but the ``topk_groups`` groups whose two best experts score highest."""
+        N = choice.shape[0]
+        grouped = choice.view(N, self.n_groups, -1)
+        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        best = group_score.topk(self.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, -1)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands (it needs 16-byte aligned rows)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(d * x.element_size() % 16 for d in (x.shape[-1], w.shape[-1])):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return x.device.type == "cpu"
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Rows of ``x`` [M, K] sorted into E contiguous groups of ``counts`` [E] rows; group e is
+    multiplied by ``w[e]`` [K, N]. Returns [M, N]."""
+    if backend == "grouped_mm" or (backend == "auto" and _grouped_mm_ok(x, w)):
+        return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    # Fallback: scatter the groups into a zero-padded [E, max_count, K] batch and use one bmm.
+    # Reading max_count costs a host sync, harmless on the devices that take this path.
+    E = w.shape[0]
+    expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=x.shape[0])
+    row_in_group = torch.arange(x.shape[0], device=x.device) - (counts.cumsum(0) - counts)[expert_of_row]
+    padded = x.new_zeros(E, int(counts.max()), x.shape[-1])
+    padded[expert_of_row, row_in_group] = x
+    return torch.bmm(padded, w)[expert_of_row, row_in_group]
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights, so all of them run in one grouped GEMM."""
+
+    def __init__(self, n_experts: int, d_model: int, expert_dim: int, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * expert_dim))  # [E, C, 2H]
+        self.w_down = nn.Parameter(torch.empty(n_experts, expert_dim, d_model))  # [E, H, C]
+
+    def forward(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, C], topk_idx/weights [N, K] -> (output [N, C], tokens per expert [E])."""
+        N, K = topk_idx.shape
+        E = self.w_gate_up.shape[0]
+        flat_expert = topk_idx.reshape(-1)
+        order = flat_expert.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token = order // K
+        # scatter_add rather than bincount: bincount reads the max index on the host (a GPU sync).
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_expert, torch.ones_like(flat_expert)
+        )
+        dtype = _compute_dtype(x)
+        h = grouped_mm(x[token].to(dtype), self.w_gate_up.to(dtype), counts, self.backend)
+        gate, up = h.chunk(2, dim=-1)
+        out = grouped_mm(F.silu(gate) * up, self.w_down.to(dtype), counts, self.backend)
+        out = out * weights.reshape(-1)[order, None].to(out.dtype)
+        return out.new_zeros(N, x.shape[-1]).index_add_(0, token, out), counts
+
+
+class MoE(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        n_routed_experts: int,
+        top_k: int,
+        expert_dim: int,
+        n_shared_experts: int,
+        score_func: str,
+        route_scale: float,
+        n_groups: int,
+        topk_groups: int,
+        norm_topk: bool,
+        balance: LoadBalance,
+        linear: LinearFactory,
+        gemm_backend: str = "auto",
+    ):
+        super().__init__()
+        self.router = Router(
+            d_model, n_routed_experts, top_k, score_func, route_scale, n_groups, topk_groups, norm_topk
+        )
+        self.experts = GroupedExperts(n_routed_experts, d_model, expert_dim, gemm_backend)
+        self.shared = SwiGLU(d_model, n_shared_experts * expert_dim, linear) if n_shared_experts > 0 else None
+        self.balance = balance
+        # Tokens per expert in the last forward (for MaxVio) and since the last bias update.
+        self.register_buffer("last_load", torch.zeros(n_routed_experts), persistent=False)
+        self.register_buffer("load_since_update", torch.zeros(n_routed_experts), persistent=False)
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x_flat = x.reshape(B * T, C)
+        scores, topk_idx, weights = self.router(x_flat)
+        y, load = self.experts(x_flat, topk_idx, weights)
+        if self.shared is not None:
+            y = y + self.shared(x_flat)
+        self.last_load.copy_(load)
+        self.balance_loss = None
+        if self.training:
+            self.load_since_update += load
+            self.balance_loss = self.balance.loss(scores, topk_idx, B)
+        return y.view(B, T, C)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Apply the aux-free bias step for the load seen since the last call (after optimiser.step)."""
+        self.balance.update_bias(self.router.bias, self.load_since_update)
+        self.load_since_update.zero_()
+
+
+@FFN.register("moe")
+def build_moe(
+    d_model: int,
+    linear: LinearFactory,
+    balance: LoadBalance,
+    n_routed_experts: int = 8,
+    top_k: int = 2,
+    expert_dim: int = 128,
+    n_shared_experts: int = 1,
+    score_func: str = "sigmoid",
+    route_scale: float = 1.0,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    norm_topk: bool = True,
+    first_k_dense: int = 0,
+    dense_hidden_dim: int | None = None,
+    gemm_backend: str = "auto",
+) -> MoE:
+    """``first_k_dense`` and ``dense_hidden_dim`` are read by the model, which builds those layers dense."""
+    del first_k_dense, dense_hidden_dim
+    require(n_routed_experts >= 1, "ffn.n_routed_experts", n_routed_experts, "a positive integer")
+    require(1 <= top_k <= n_routed_experts, "ffn.top_k", top_k, f"1..ffn.n_routed_experts={n_routed_experts}")
+    require(expert_dim >= 1, "ffn.expert_dim", expert_dim, "a positive integer")
+    require(n_shared_experts >= 0, "ffn.n_shared_experts", n_shared_experts, "a non-negative integer")
+    require(score_func in SCORE_FUNCS, "ffn.score_func", score_func, ", ".join(SCORE_FUNCS))
+    require(route_scale > 0, "ffn.route_scale", route_scale, "a positive number")
+    require(gemm_backend in GEMM_BACKENDS, "ffn.gemm_backend", gemm_backend, ", ".join(GEMM_BACKENDS))
+    require(
+        n_groups >= 1 and n_routed_experts % n_groups == 0,
+        "ffn.n_groups",
+        n_groups,
+        f"a positive divisor of ffn.n_routed_experts={n_routed_experts}",
+    )
+    require(1 <= topk_groups <= n_groups, "ffn.topk_groups", topk_groups, f"1..ffn.n_groups={n_groups}")
+    per_group = n_routed_experts // n_groups
+    require(
+        top_k <= topk_groups * per_group,
+        "ffn.top_k",
+        top_k,
+        f"at most ffn.topk_groups * experts per group = {topk_groups * per_group}",
+    )
+    return MoE(
+        d_model,
+        n_routed_experts,
+        top_k,
+        expert_dim,
+        n_shared_experts,
+        score_func,
+        route_scale,
+        n_groups,
+        topk_groups,
+        norm_topk,
+        balance,
+        linear,
+        gemm_backend,
+    )
