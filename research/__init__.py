@@ -1,0 +1,1 @@
+"""The platform: build a model from config, train, measure, track and compare."""
