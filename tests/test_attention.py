@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from components.attention import ATTENTION
+from components.linear import make_linear
+from research.model import Transformer
+from tests.conftest import ATTENTION_SPECS, tiny_config
+
+D_MODEL = 32
+
+
+def build(spec):
+    return ATTENTION.build(spec, d_model=D_MODEL, linear=make_linear)
+
+
+@pytest.mark.parametrize("kind", sorted(ATTENTION_SPECS))
+def test_attention_is_causal(kind):
+    attn = build(ATTENTION_SPECS[kind])
+    x = torch.randn(2, 12, D_MODEL)
+    positions = torch.arange(12)
+    t = 7
+    x2 = x.clone()
+    x2[:, t] += torch.randn(D_MODEL)
+    y, y2 = attn(x, positions), attn(x2, positions)
+    torch.testing.assert_close(y2[:, :t], y[:, :t], rtol=0, atol=1e-6)
+    assert (y2[:, t:] - y[:, t:]).abs().amax(dim=-1).min() > 1e-4  # every later position sees it
+
+
+@pytest.mark.parametrize("kind", sorted(ATTENTION_SPECS))
+def test_model_is_causal(kind):
+    model = Transformer(tiny_config(kind, "moe", mtp_depth=1)).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    idx2 = idx.clone()
+    idx2[:, 9] = (idx[:, 9] + 1) % 64
+    with torch.no_grad():
+        a, b = model(idx).logits, model(idx2).logits
+    torch.testing.assert_close(b[:, :9], a[:, :9], rtol=0, atol=1e-6)
+    assert (b[:, 9:] - a[:, 9:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", sorted(ATTENTION_SPECS))
+def test_cached_decoding_equals_training_path(kind):
+    """Prefill 5 tokens, then decode one token at a time: logits equal one full forward.
+    For MLA the cached path is the absorbed one, attending over the latent only."""
+    model = Transformer(tiny_config(kind, "moe", n_layers=3)).eval()
+    idx = torch.randint(0, 64, (2, 13))
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = model.new_cache()
+        steps = [model(idx[:, :5], cache=cache).logits]
+        steps += [model(idx[:, t : t + 1], cache=cache, start_pos=t).logits for t in range(5, 13)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+    if kind == "mla":
+        attn = model.blocks[0].attn
+        assert set(cache[0]) == {"c_kv", "k_pe"}
+        assert cache[0]["c_kv"].shape == (2, 13, attn.kv_lora_rank)
+        assert cache[0]["k_pe"].shape == (2, 13, attn.rope_dim)
+
+
+def test_gqa_with_all_kv_heads_equals_mha():
+    mha = build({"name": "mha", "n_heads": 4})
+    gqa = build({"name": "gqa", "n_heads": 4, "n_kv_heads": 4})
+    gqa.load_state_dict(mha.state_dict())
+    x = torch.randn(2, 10, D_MODEL)
+    torch.testing.assert_close(gqa(x, torch.arange(10)), mha(x, torch.arange(10)), rtol=0, atol=0)
+
+
+def test_gqa_shares_kv_heads():
+    """GQA with 2 kv heads = MHA whose k/v heads are each repeated for 2 query heads."""
+    gqa = build({"name": "gqa", "n_heads": 4, "n_kv_heads": 2})
+    mha = build({"name": "mha", "n_heads": 4})
+    sd = gqa.state_dict()
+    for w in ("wk", "wv"):  # [2 * 8, C] -> repeat each kv head's rows for its query heads
+        sd[f"{w}.weight"] = (
+            sd[f"{w}.weight"].view(2, 8, D_MODEL).repeat_interleave(2, dim=0).reshape(32, D_MODEL)
+        )
+    mha.load_state_dict(sd)
+    x = torch.randn(2, 10, D_MODEL)
+    torch.testing.assert_close(gqa(x, torch.arange(10)), mha(x, torch.arange(10)), rtol=1e-5, atol=1e-6)
+
+
+def test_mla_shares_one_rope_key_and_uses_the_full_qk_scale():
+    attn = build(ATTENTION_SPECS["mla"])
+    assert attn.wkv_a.weight.shape[0] == attn.kv_lora_rank + attn.rope_dim  # one rope key, not per head
+    assert attn.scale == pytest.approx((8 + 4) ** -0.5)
+    mla_no_q = build({**ATTENTION_SPECS["mla"], "q_lora_rank": 0})
+    assert hasattr(mla_no_q, "wq") and not hasattr(mla_no_q, "wq_a")
+
+
+def test_kv_cache_bytes_per_token():
+    assert build({"name": "mha", "n_heads": 4}).kv_cache_bytes_per_token() == 2 * 4 * 8 * 2
+    assert build({"name": "gqa", "n_heads": 4, "n_kv_heads": 2}).kv_cache_bytes_per_token() == 2 * 2 * 8 * 2
+    assert build(ATTENTION_SPECS["mla"]).kv_cache_bytes_per_token() == (16 + 4) * 2
+    assert build(ATTENTION_SPECS["mla"]).kv_cache_bytes_per_token(bytes_per_value=4) == (16 + 4) * 4
+    model = Transformer(tiny_config("mla", n_layers=3))
+    assert model.kv_cache_bytes_per_token() == 3 * (16 + 4) * 2
