@@ -53,3 +53,18 @@ def tiny_config(attention="mha", ffn="dense", balance="none", mtp_depth=0, **ove
     )
     cfg.update(overrides)
     return ModelConfig(**cfg)
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory, monkeypatch_session=None):
+    """One token cache for every CLI test, so the standard library is tokenized once per session."""
+    import os
+
+    cache = tmp_path_factory.mktemp("token-cache")
+    old = os.environ.get("LAB_CACHE_DIR")
+    os.environ["LAB_CACHE_DIR"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("LAB_CACHE_DIR", None)
+    else:
+        os.environ["LAB_CACHE_DIR"] = old

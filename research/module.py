@@ -1,0 +1,76 @@
+"""The LightningModule: losses, the optimiser and its schedule, validation in bits per byte."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from research import metrics as M
+from research.model import ModelConfig, Transformer
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine down to ``min_lr_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LitLM(L.LightningModule):
+    def __init__(self, model_cfg: ModelConfig, optim: dict[str, Any], token_bytes: torch.Tensor):
+        super().__init__()
+        self.model = Transformer(model_cfg)
+        self.optim = dict(optim)
+        # bytes of text per token id, for bits per byte
+        self.register_buffer(
+            "token_bytes", torch.as_tensor(token_bytes, dtype=torch.float64), persistent=False
+        )
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch[:, :-1], batch[:, 1:])
+        self.log(M.TRAIN_LOSS, out.loss, prog_bar=True)
+        self.log(M.TRAIN_LM_LOSS, out.lm_loss)
+        if out.mtp_loss is not None:
+            self.log(M.TRAIN_MTP_LOSS, out.mtp_loss)
+        if out.balance_loss is not None:
+            self.log(M.TRAIN_BALANCE_LOSS, out.balance_loss)
+        return out.loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # The aux-loss-free bias moves after the weights, from the load the step was computed on.
+        self.model.update_balance_bias()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, tokens, bytes
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        targets = batch[:, 1:]
+        out = self.model(batch[:, :-1], targets)
+        n = targets.numel()
+        self._val_sums[0] += out.lm_loss.double() * n
+        self._val_sums[1] += n
+        self._val_sums[2] += self.token_bytes[targets].sum()
+
+    def on_validation_epoch_end(self) -> None:
+        nats, tokens, n_bytes = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
+        self.log(M.VAL_LOSS, nats / tokens, sync_dist=False)
+        self.log(M.VAL_BPB, nats / math.log(2) / n_bytes, prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": o["weight_decay"]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # norms: no decay
+        ]
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, o["warmup_steps"], o["total_steps"], o["min_lr_ratio"])
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,125 @@
+"""MLflow: where runs are recorded, what each run carries, and how a failure is written down.
+
+Every run gets the flattened config as params (``model.d_model``, the same keys as Hydra
+overrides), tags for the ablation, its overrides, a config hash (so a grid can skip what already
+finished), the git revision and its run folder, and the resolved config as an artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+from research.errors import TrackingError
+
+# Keys that change where or how a run is recorded, not what it computes.
+_NOT_HASHED = ("tracking", "resume", "ablation", "trainer.progress_bar", "data.cache_dir")
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of everything that determines what a run computes (seed included)."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    kept = {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in _NOT_HASHED)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_revision() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextmanager
+def _fail_fast_http():
+    """MLflow retries an unreachable server for minutes by default; a pre-flight check should not."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Check the store answers and return the experiment id, creating it if needed."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    with _fail_fast_http():
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            exp = client.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            try:
+                return client.create_experiment(name)
+            except MlflowException:  # created meanwhile by a parallel run
+                return client.get_experiment_by_name(name).experiment_id
+        except Exception as e:
+            reason = " ".join(str(e).split())[:300]
+            raise TrackingError(f"tracking.uri='{uri}' is unreachable: {reason}") from e
+
+
+def make_logger(cfg: DictConfig, run_dir: Path, overrides: list[str], run_id: str | None) -> MLFlowLogger:
+    """The run's logger: a new MLflow run, or ``run_id`` continued after a resume. ``overrides``
+    are the command-line overrides that made this run (tagged, their keys as ``swept_keys``)."""
+    t = cfg.tracking
+    ensure_experiment(t.uri, t.experiment)
+    tags = {
+        "ablation": cfg.ablation,
+        "overrides": " ".join(overrides) or "(defaults)",
+        "swept_keys": ",".join(sorted(o.split("=", 1)[0].lstrip("+~") for o in overrides)),
+        "config_hash": config_hash(cfg),
+        "git_revision": git_revision(),
+        "run_dir": str(run_dir),
+    }
+    logger = MLFlowLogger(experiment_name=t.experiment, run_name=t.get("run_name"), tracking_uri=t.uri,
+                          tags=tags if run_id is None else None, run_id=run_id)  # fmt: skip
+    if run_id is None:
+        logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        config_file = run_dir / "config.yaml"
+        config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        logger.experiment.log_artifact(logger.run_id, str(config_file))
+    else:
+        logger.experiment.update_run(run_id, status="RUNNING")
+    return logger
+
+
+def mark_failed(logger: MLFlowLogger, reason: str) -> None:
+    """End the run as FAILED with the reason as a tag (``failure_reason``)."""
+    client = logger.experiment
+    client.set_tag(logger.run_id, "failure_reason", reason[:5000])
+    client.set_terminated(logger.run_id, "FAILED")

@@ -1,0 +1,126 @@
+"""One code path from a composed config to a tracked, resumable training run.
+
+``train(cfg)`` is what every entry point calls: the CLI, a grid job, a sweep trial. Everything that
+can be checked is checked before the first step (model spec, data, checkpoint, tracking store), so
+bad input costs seconds and leaves the records as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from components.registry import require
+from research import tracking
+from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor, StaticMetrics
+from research.config import model_config, precision_of
+from research.data import LMDataModule
+from research.module import LitLM
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass
+class Resume:
+    path: Path  # the checkpoint file
+    run_id: str | None  # the MLflow run it belongs to
+
+
+def find_checkpoint(resume: str) -> Resume:
+    """``resume`` is a checkpoint file or a run folder (then its ``checkpoints/last.ckpt``)."""
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise CheckpointError(f"resume='{resume}': no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        require(isinstance(ckpt, dict) and "state_dict" in ckpt, "resume", resume, "a Lightning checkpoint")
+    except Exception as e:
+        raise CheckpointError(
+            f"resume='{resume}' is not a readable checkpoint: {' '.join(str(e).split())[:200]}"
+        ) from e
+    return Resume(path, ckpt.get("mlflow_run_id"))
+
+
+class RecordRunId(L.Callback):
+    """Puts the MLflow run id into every checkpoint, so a resume continues the same run."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["mlflow_run_id"] = self.run_id
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, float]:
+    """Train one configuration; return its final metrics. Raises before training on bad input."""
+    resume = find_checkpoint(cfg.resume) if cfg.get("resume") else None
+    precision = precision_of(cfg)
+    tracking.ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)  # a dead store fails here
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = LMDataModule(cfg.data, seed=cfg.seed)
+    corpus = data.prepare()
+    module = LitLM(model_config(cfg, corpus.vocab_size), OmegaConf.to_container(cfg.optim, resolve=True),
+                   torch.from_numpy(corpus.token_bytes))  # fmt: skip
+    logger = tracking.make_logger(cfg, run_dir, overrides or [], resume.run_id if resume else None)
+
+    t = cfg.trainer
+    ckpt_dir = resume.path.parent if resume else run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir, every_n_train_steps=t.checkpoint_every, save_last=True, save_top_k=0
+        ),
+        RecordRunId(logger.run_id),
+        PerfMonitor(t.perf_warmup_steps, cfg.data.seq_len),
+        MoEMonitor(),
+        StaticMetrics(),
+        DivergenceGuard(),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if t.progress_bar:
+        callbacks.append(RichProgressBar())
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        precision=precision,
+        max_steps=t.max_steps,
+        val_check_interval=t.val_every,
+        check_val_every_n_epoch=None,
+        limit_val_batches=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every,
+        gradient_clip_val=t.grad_clip,
+        accumulate_grad_batches=t.accumulate,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=run_dir,
+    )
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume.path if resume else None)
+        if trainer.global_step % t.val_every:  # finish on a measured model
+            trainer.validate(module, datamodule=data, verbose=False)
+            logger.finalize("success")
+    except BaseException as e:
+        tracking.mark_failed(logger, f"{type(e).__name__}: {' '.join(str(e).split())}")
+        raise
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def run_dir_of_hydra_job() -> tuple[Path, list[str]]:
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    return Path(hc.runtime.output_dir), list(hc.overrides.task)

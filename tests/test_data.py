@@ -1,0 +1,138 @@
+import itertools
+import json
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from research import data as D
+from research.data import DataError, RandomWindows, eval_windows, split_of, tokenize_corpus
+
+
+def data_cfg(tmp_path, **kw):
+    base = OmegaConf.load("research/conf/data/stdlib.yaml")
+    base.cache_dir = str(tmp_path / "cache")
+    return OmegaConf.merge(base, kw)
+
+
+@pytest.fixture
+def text_folder(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(60):
+        (folder / f"doc{i:02d}.txt").write_text(
+            f"Document {i}. " + "Plain ASCII prose, repeated. " * (10 + i)
+        )
+    return folder
+
+
+def test_split_depends_on_the_key_alone():
+    keys = [f"pkg/module_{i}.py" for i in range(4000)]
+    splits = [split_of(k, 0.05, 0.05) for k in keys]
+    assert splits == [split_of(k, 0.05, 0.05) for k in reversed(keys)][::-1]  # order-free
+    counts = {s: splits.count(s) for s in D.SPLITS}
+    assert 100 < counts["val"] < 300 and 100 < counts["test"] < 300
+    # adding documents never moves the existing ones
+    more = keys + [f"new_{i}.py" for i in range(1000)]
+    assert [split_of(k, 0.05, 0.05) for k in more][:4000] == splits
+
+
+def test_stdlib_corpus_is_found_and_splits():
+    docs = D.stdlib_documents()
+    assert len(docs) > 200 and all(d.key.endswith(".py") for d in docs)
+    assert {split_of(d.key, 0.02, 0.02) for d in docs} == set(D.SPLITS)
+
+
+def test_token_cache_is_built_once_and_reused(tmp_path, text_folder, monkeypatch):
+    cfg = data_cfg(tmp_path, source="text", path=str(text_folder), val_fraction=0.2, test_fraction=0.1)
+    first = tokenize_corpus(cfg, log=lambda _: None)
+    n_bytes = sum(p.stat().st_size for p in text_folder.iterdir())
+    assert sum(len(t) for t in first.tokens.values()) == n_bytes  # byte-level: one token per byte
+
+    def no_reading(self):
+        raise AssertionError(f"the second load read {self}")
+
+    monkeypatch.setattr(D.Path, "read_bytes", no_reading)
+    second = tokenize_corpus(cfg, log=lambda _: None)
+    for split in D.SPLITS:
+        assert isinstance(second.tokens[split], np.memmap)
+        np.testing.assert_array_equal(second.tokens[split], first.tokens[split])
+
+
+def test_changed_text_gets_a_new_cache(tmp_path, text_folder):
+    cfg = data_cfg(tmp_path, source="text", path=str(text_folder), val_fraction=0.2)
+    first = tokenize_corpus(cfg, log=lambda _: None)
+    (text_folder / "doc99.txt").write_text("a brand new document " * 50)
+    assert tokenize_corpus(cfg, log=lambda _: None).cache_dir != first.cache_dir
+
+
+def test_bpe_is_trained_once_and_counts_bytes_exactly(tmp_path, text_folder):
+    cfg = data_cfg(tmp_path, source="text", path=str(text_folder), tokenizer="bpe", bpe_vocab_size=300,
+                   val_fraction=0.2)  # fmt: skip
+    corpus = tokenize_corpus(cfg, log=lambda _: None)
+    assert corpus.vocab_size == 300 and (corpus.cache_dir / "bpe300.json").exists()
+    val_bytes = sum(
+        p.stat().st_size for p in text_folder.iterdir() if split_of(p.name, 0.2, cfg.test_fraction) == "val"
+    )
+    # bits per byte needs every token's byte count: they add up to the text's size
+    assert corpus.token_bytes[corpus.tokens["val"]].sum() == val_bytes
+    assert len(corpus.tokens["val"]) < val_bytes / 2  # and BPE really compresses
+
+
+def test_single_file_is_cut_into_blocks(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("one long text. " * 20_000)
+    corpus = tokenize_corpus(data_cfg(tmp_path, source="text", path=str(book)), log=lambda _: None)
+    assert sum(len(t) for t in corpus.tokens.values()) == book.stat().st_size
+    assert len(corpus.tokens["val"]) > 0
+
+
+def test_hf_dataset_from_a_local_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    rows = [{"body": f"row {i}: " + "some words here. " * 30} for i in range(100)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = data_cfg(tmp_path, source="hf", name=str(folder), config=None, split="train", text_column="body")
+    corpus = tokenize_corpus(cfg, log=lambda _: None)
+    assert sum(len(t) for t in corpus.tokens.values()) == sum(len(r["body"]) for r in rows)
+    with pytest.raises(ValueError, match=r"^data\.text_column='text'"):
+        tokenize_corpus(OmegaConf.merge(cfg, {"text_column": "text"}), log=lambda _: None)
+
+
+def test_bad_paths_and_empty_corpora_fail_in_one_line(tmp_path):
+    cases = {
+        "missing": (data_cfg(tmp_path, source="text", path=str(tmp_path / "nope")), "does not exist"),
+        "empty": (data_cfg(tmp_path, source="text", path=str(tmp_path / "empty")), "holds no text"),
+        "tiny": (data_cfg(tmp_path, source="text", path=str(tmp_path / "one")), "none fell in the val split"),
+        "source": (data_cfg(tmp_path, source="web"), "data.source='web'"),
+    }
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.txt").write_text("hello")
+    for name, (cfg, message) in cases.items():
+        with pytest.raises(ValueError) as err:
+            tokenize_corpus(cfg, log=lambda _: None)
+        assert message in str(err.value) and "\n" not in str(err.value), name
+    with pytest.raises(DataError, match=r"data\.path="):
+        tokenize_corpus(cases["missing"][0], log=lambda _: None)
+
+
+def test_training_batches_depend_only_on_seed_and_step():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    from_start = list(itertools.islice(RandomWindows(tokens, 16, 4, seed=3), 6))
+    resumed = list(itertools.islice(RandomWindows(tokens, 16, 4, seed=3, start_step=4), 2))
+    for a, b in zip(from_start[4:], resumed, strict=True):
+        assert (a == b).all()
+    assert from_start[0].shape == (4, 17)
+    assert (from_start[0][:, 1:] == from_start[0][:, :-1] + 1).all()  # windows are contiguous text
+    other_seed = next(iter(RandomWindows(tokens, 16, 4, seed=4)))
+    assert not (other_seed == from_start[0]).all()
+
+
+def test_eval_windows_are_fixed_and_cover_the_split_start():
+    tokens = np.arange(1000, dtype=np.uint16)
+    batches = eval_windows(tokens, seq_len=10, batch_size=4, max_tokens=100)
+    windows = np.concatenate([b.numpy() for b in batches])
+    assert windows.shape == (10, 11) and windows[0, 0] == 0 and windows[1, 0] == 10

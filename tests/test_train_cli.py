@@ -1,0 +1,172 @@
+"""The training platform end to end: config -> data -> Lightning -> MLflow, through the CLI."""
+
+import re
+
+import pytest
+
+from research import metrics as M
+from tests.cli_helpers import TINY, error_line, history, lab, runs
+
+ALWAYS = {M.TRAIN_LOSS, M.TRAIN_LM_LOSS, M.VAL_LOSS, M.VAL_BPB, M.TOKENS_PER_S, M.STEP_MS, M.PEAK_MEM_GIB,
+          M.KV_CACHE_BYTES_PER_TOKEN}  # fmt: skip
+BALANCE_WITH_LOSS = {"aux_loss", "seq_aux", "aux_free+seq_aux"}
+
+# One multirun per axis; the other axes sit where most metrics apply (MoE, a balance loss, MTP).
+AXES = {
+    "attention": ["mha", "gqa", "mla"],
+    "ffn": ["dense", "moe"],
+    "balance": ["none", "aux_loss", "aux_free", "seq_aux", "aux_free+seq_aux"],
+    "mtp": ["none", "d1", "d2"],
+    "precision": ["fp32", "bf16", "auto"],
+    "model": ["tiny", "small"],
+}
+BASE = {"attention": "mla", "ffn": "moe", "balance": "aux_free+seq_aux", "mtp": "d1"}
+
+
+def expected_metrics(choice: dict[str, str]) -> set[str]:
+    expected = set(ALWAYS)
+    if choice["mtp"] != "none":
+        expected.add(M.TRAIN_MTP_LOSS)
+    if choice["ffn"] == "moe":
+        expected |= {M.MAXVIO_BATCH, M.MAXVIO_GLOBAL}
+        if choice["balance"] in BALANCE_WITH_LOSS:
+            expected.add(M.TRAIN_BALANCE_LOSS)
+    return expected  # perf/mfu needs a GPU with a known peak: absent on CPU
+
+
+@pytest.mark.parametrize("axis", sorted(AXES))
+def test_every_choice_of_an_axis_gives_a_finished_run_with_its_metrics(tmp_path, shared_cache, axis):
+    choices = AXES[axis]
+    fixed = [f"{k}={v}" for k, v in BASE.items() if k != axis]
+    tiny = [o for o in TINY if not (axis in ("model", "precision") and o.startswith(f"{axis}="))]
+    proc = lab(tmp_path, "-m", f"{axis}={','.join(choices)}", *fixed, *tiny)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = runs(tmp_path)
+    assert len(recorded) == len(choices)
+    for run, value in zip(recorded, choices, strict=True):
+        assert run.info.status == "FINISHED"
+        assert f"{axis}={value}" in run.data.tags["overrides"]
+        choice = {**BASE, axis: value}
+        contract = set(run.data.metrics) & set(M.ALL)
+        assert contract == expected_metrics(choice), f"{axis}={value}"
+        assert run.data.params[f"{axis}.name" if axis in ("attention", "ffn", "balance", "model") else "seed"]
+        assert len(run.data.tags["config_hash"]) == 16 and run.data.tags["git_revision"]
+    hashes = {r.data.tags["config_hash"] for r in recorded}
+    assert len(hashes) == len(choices)
+
+
+def test_run_records_config_params_and_artifact(tmp_path, shared_cache):
+    proc = lab(tmp_path, *TINY, "attention=gqa", "ablation=demo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs(tmp_path, "demo")
+    p = run.data.params
+    assert p["attention.name"] == "gqa" and p["model.d_model"] == "64" and p["optim.betas"] == "[0.9, 0.95]"
+    assert run.data.tags["ablation"] == "demo" and "attention" in run.data.tags["swept_keys"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    assert history(tmp_path, run.info.run_id, M.VAL_BPB)[-1][0] == 3  # evaluated at the last step
+    assert history(tmp_path, run.info.run_id, M.KV_CACHE_BYTES_PER_TOKEN) == [(0, 2 * 2 * 2 * 16 * 4)]
+
+
+def test_resume_continues_the_same_run_with_identical_losses(tmp_path, shared_cache):
+    full = lab(tmp_path, *TINY, "trainer.max_steps=8", "tracking.run_name=full", "hydra.run.dir=out/full")
+    part = lab(tmp_path, *TINY, "trainer.max_steps=4", "optim.total_steps=8", "tracking.run_name=part",
+               "hydra.run.dir=out/part")  # fmt: skip
+    assert full.returncode == 0 and part.returncode == 0, part.stderr[-3000:]
+    resumed = lab(tmp_path, *TINY, "trainer.max_steps=8", "resume=out/part", "hydra.run.dir=out/resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    by_name = {r.info.run_name: r for r in runs(tmp_path)}
+    assert set(by_name) == {"full", "part"}  # the resume wrote into the interrupted run, not a new one
+    assert by_name["part"].info.status == "FINISHED"
+    a = history(tmp_path, by_name["full"].info.run_id, M.TRAIN_LOSS)
+    b = history(tmp_path, by_name["part"].info.run_id, M.TRAIN_LOSS)
+    assert [s for s, _ in b] == list(range(8))
+    for (step_a, loss_a), (step_b, loss_b) in zip(a, b, strict=True):
+        assert step_a == step_b and abs(loss_a - loss_b) <= 1e-6, (step_a, loss_a, loss_b)
+
+
+def test_divergence_is_stopped_and_recorded_as_failed(tmp_path, shared_cache):
+    proc = lab(tmp_path, *TINY, "model.init_std=1e30")
+    assert proc.returncode == 1
+    assert re.search(r"^run failed: loss is nan at step \d+$", proc.stderr, re.MULTILINE), proc.stderr[-2000:]
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED"
+    assert re.fullmatch(r"TrainingDiverged: loss is nan at step \d+", run.data.tags["failure_reason"])
+
+
+def test_bad_input_fails_in_one_line_before_training_and_loses_nothing(tmp_path, shared_cache):
+    assert lab(tmp_path, *TINY).returncode == 0
+    (before,) = runs(tmp_path)
+    checkpoints = sorted(tmp_path.glob("outputs/**/*.ckpt"))
+
+    unknown_choice = lab(tmp_path, *TINY, "attention=flash")
+    assert "Could not find 'attention/flash'" in error_line(unknown_choice) and "mla" in error_line(
+        unknown_choice
+    )
+    unknown_key = lab(tmp_path, *TINY, "trainer.max_stpes=3")
+    assert "trainer.max_stpes" in error_line(unknown_key)
+    bad_spec = lab(tmp_path, *TINY, "attention=gqa", "model.n_kv_heads=3")
+    assert (
+        error_line(bad_spec)
+        == "error: attention.n_kv_heads=3 is not allowed; allowed: a positive divisor of attention.n_heads=4"
+    )
+    dead_server = lab(tmp_path, *TINY, "tracking.uri=http://127.0.0.1:9")
+    assert error_line(dead_server).startswith("error: tracking.uri='http://127.0.0.1:9' is unreachable")
+    (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint at all")
+    corrupt = lab(tmp_path, *TINY, "resume=corrupt.ckpt")
+    assert error_line(corrupt).startswith("error: resume='corrupt.ckpt' is not a readable checkpoint")
+    missing = lab(tmp_path, *TINY, "resume=nowhere")
+    assert "no checkpoint" in error_line(missing)
+
+    for proc in (unknown_choice, unknown_key, bad_spec, dead_server, corrupt, missing):
+        assert proc.returncode == 2 and "Epoch" not in proc.stdout
+    (after,) = runs(tmp_path)  # no new run, and the old one is as it was
+    assert after.info.run_id == before.info.run_id and after.info.status == "FINISHED"
+    assert after.data.metrics == before.data.metrics
+    assert sorted(tmp_path.glob("outputs/**/*.ckpt")) == checkpoints
+
+
+def test_hydra_conventions(tmp_path):
+    cfg = lab(tmp_path, "--cfg", "job", "attention=gqa", "model=tiny")
+    assert (
+        cfg.returncode == 0 and "name: gqa" in cfg.stdout and "n_kv_heads: ${model.n_kv_heads}" in cfg.stdout
+    )
+    helptext = lab(tmp_path, "--help")
+    assert helptext.returncode == 0
+    assert "attention: gqa, mha, mla" in helptext.stdout
+    assert "balance: aux_free, aux_free+seq_aux, aux_loss, none, seq_aux" in helptext.stdout
+    quick = lab(tmp_path, "experiment=quick", "--cfg", "hydra")
+    assert "mode: MULTIRUN" in quick.stdout and "attention: mha,mla" in quick.stdout
+
+
+def test_text_and_hf_data_train(tmp_path):
+    import json
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"note{i}.md").write_text(f"# Note {i}\n" + "Some plain text to learn from. " * 40)
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "train.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"row {i} " + "words " * 200}) for i in range(80))
+    )
+
+    bpe = ["data.tokenizer=bpe", "data.bpe_vocab_size=320"]
+    text = lab(
+        tmp_path, *TINY, "data=text", f"data.path={folder}", *bpe, "data.val_fraction=0.2", "ablation=text"
+    )
+    assert text.returncode == 0, text.stderr[-3000:]
+    hf = lab(tmp_path, *TINY, "data=hf", f"data.name={ds}", "data.val_fraction=0.2", "ablation=hf")
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    for experiment in ("text", "hf"):
+        (run,) = runs(tmp_path, experiment)
+        assert run.info.status == "FINISHED" and 0 < run.data.metrics[M.VAL_BPB] < 20
+    (text_run,) = runs(tmp_path, "text")
+    assert text_run.data.params["data.tokenizer"] == "bpe"
+
+    missing = lab(tmp_path, *TINY, "data=text", f"data.path={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2
+    assert error_line(missing) == f"error: data.path='{tmp_path / 'nowhere'}' does not exist"
