@@ -7,7 +7,6 @@ bad input costs seconds and leaves the records as they were.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +22,9 @@ from research.config import model_config, precision_of
 from research.data import LMDataModule
 from research.module import LitLM
 
-log = logging.getLogger(__name__)
-
 
 class CheckpointError(ValueError):
-    pass
+    """``resume`` names nothing loadable."""
 
 
 @dataclass
@@ -71,8 +68,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = LMDataModule(cfg.data, seed=cfg.seed)
     corpus = data.prepare()
-    module = LitLM(model_config(cfg, corpus.vocab_size), OmegaConf.to_container(cfg.optim, resolve=True),
-                   torch.from_numpy(corpus.token_bytes))  # fmt: skip
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    module = LitLM(model_config(cfg, corpus.vocab_size), optim, torch.from_numpy(corpus.token_bytes))
     logger = tracking.make_logger(cfg, run_dir, overrides or [], resume.run_id if resume else None)
 
     t = cfg.trainer
@@ -97,7 +94,6 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         max_steps=t.max_steps,
         val_check_interval=t.val_every,
         check_val_every_n_epoch=None,
-        limit_val_batches=None,
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every,
         gradient_clip_val=t.grad_clip,
