@@ -155,7 +155,7 @@ class BPETokenizer:
         )
         tok.train_from_iterator((t.decode("utf-8", errors="replace") for t in texts), trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tok.save(str(tmp))
         tmp.replace(path)
         return cls(tok)
@@ -190,7 +190,7 @@ def _fingerprint(docs: list[Document], extra: dict[str, Any]) -> str:
 
 def _write_tokens(path: Path, chunks: list[np.ndarray], dtype: np.dtype) -> None:
     total = sum(len(c) for c in chunks)
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # parallel runs may build the same cache: each its own
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
     pos = 0
     for c in chunks:
