@@ -105,6 +105,8 @@ class MoEMonitor(L.Callback):
     """MaxVio of the expert loads: per training batch (``moe/maxvio_batch``) and over the whole
     validation set (``moe/maxvio_global``), each the mean over MoE layers."""
 
+    global_loads: torch.Tensor | None = None  # [layers, experts] over the last validation
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         layers = pl_module.model.moe_layers()
         if layers:

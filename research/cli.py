@@ -52,6 +52,7 @@ def precheck(overrides: list[str]) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from research.config import model_config, precision_of
+    from research.grid import searchpath_override
     from research.model import Transformer
 
     job_overrides = []
@@ -66,7 +67,7 @@ def precheck(overrides: list[str]) -> str | None:
             )
             job_overrides.append(f"{o.get_key_element()}={value}")
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=job_overrides)
+            cfg = compose("train", overrides=[searchpath_override(), *job_overrides])
         precision_of(cfg)
         with torch.device("meta"):
             Transformer(model_config(cfg, vocab_size=256))
@@ -75,27 +76,124 @@ def precheck(overrides: list[str]) -> str | None:
     return None
 
 
+# Hydra's flags that take a value as the next word.
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun")  # fmt: skip
+INFO_TOPICS = (
+    "all",
+    "config",
+    "defaults",
+    "defaults-tree",
+    "plugins",
+    "searchpath",
+)  # --info's optional value
+INSPECT_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--version")
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags and the overrides apart: argparse wants all overrides in one run of words."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        takes_value = word in VALUE_FLAGS or (
+            word in ("--info", "-i") and args[i + 1 : i + 2] in [[t] for t in INFO_TOPICS]
+        )
+        (flags if word.startswith("-") else overrides).append(word)
+        if takes_value and i + 1 < len(args):
+            flags.append(args[i + 1])
+            i += 1
+        i += 1
+    return flags, overrides
+
+
+def _train(rest: list[str]) -> None:
+    from research.grid import searchpath_override
+
+    flags, overrides = split_flags(rest)
+    if not any(f.split("=")[0] in INSPECT_FLAGS for f in flags):
+        fail_if(precheck(overrides))
+    sys.argv = [f"{Path(sys.argv[0]).name} train", *flags, *overrides, searchpath_override()]
+    train_app()
+
+
+def _grid(rest: list[str]) -> None:
+    import argparse
+
+    from research import grid
+
+    parser = argparse.ArgumentParser(
+        prog="lab grid", description="Run a grid from ablations/, then compare it."
+    )
+    parser.add_argument("name", nargs="?", help="the grid: ablations/NAME.yaml")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU); default 1")
+    parser.add_argument("--gpus", default=None, help="comma-separated GPU ids: one run per GPU, pinned")
+    parser.add_argument("--list", action="store_true", help="list the grids and exit")
+    args, overrides = parser.parse_known_args(rest)
+    if args.list or not args.name:
+        print("grids: " + ", ".join(grid.available()))
+        return
+    try:
+        cfg = grid.compose_grid(args.name, overrides)
+        first = grid.expand(args.name, cfg, overrides)[0]
+    except Exception as e:
+        fail_if(one_line(e).split(" Config search path")[0])
+    fail_if(precheck(first.overrides))
+    gpus = args.gpus.split(",") if args.gpus else None
+    try:
+        grid.run_grid(args.name, overrides, jobs=args.jobs, gpus=gpus)
+        from research.compare import compare
+
+        compare([cfg.ablation], uri=cfg.tracking.uri)
+    except USER_ERRORS as e:
+        fail_if(one_line(e))
+
+
+def _compare(rest: list[str]) -> None:
+    import argparse
+
+    from research.compare import compare
+
+    parser = argparse.ArgumentParser(prog="lab compare", description="Compare the arms of one or more grids.")
+    parser.add_argument("names", nargs="+", help="grid (MLflow experiment) names")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep runs whose param KEY equals VALUE, e.g. model.name=small")  # fmt: skip
+    parser.add_argument("--baseline", help="the arm deltas are measured against (default: the grid's)")
+    parser.add_argument("--uri", default="sqlite:///mlruns.db", help="MLflow tracking URI")
+    parser.add_argument("--out", type=Path, help="report folder (default: reports/NAME/TIMESTAMP)")
+    args = parser.parse_args(rest)
+    bad = [w for w in args.where if "=" not in w]
+    fail_if(f"--where {bad[0]!r} is not KEY=VALUE" if bad else None)
+    where = dict(w.split("=", 1) for w in args.where)
+    try:
+        compare(args.names, uri=args.uri, where=where, baseline=args.baseline, out=args.out)
+    except USER_ERRORS as e:
+        fail_if(one_line(e))
+
+
+def fail_if(problem: str | None) -> None:
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+COMMANDS = {"train": _train, "grid": _grid, "compare": _compare}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command != "train":
-        print(f"error: unknown command '{command}'; commands: train", file=sys.stderr)
-        sys.exit(2)
-    hydra_flags = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--resolve", "--package", "-p")
-    if not any(a.split("=")[0] in hydra_flags for a in rest):
-        problem = precheck(rest)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            sys.exit(2)
+    if command not in COMMANDS:
+        fail_if(f"unknown command '{command}'; commands: {', '.join(COMMANDS)}")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings(
         "ignore", message=".*isinstance\\(treespec, LeafSpec\\)"
     )  # Lightning vs new torch
-    sys.argv = [f"{Path(sys.argv[0]).name} train", *rest]
-    train_app()
+    COMMANDS[command](rest)
 
 
 if __name__ == "__main__":

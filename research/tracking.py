@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from research.errors import TrackingError
 
 # Keys that change where or how a run is recorded, not what it computes.
-_NOT_HASHED = ("tracking", "resume", "ablation", "trainer.progress_bar", "data.cache_dir")
+_NOT_HASHED = ("tracking", "resume", "ablation", "grid", "trainer.progress_bar", "data.cache_dir")
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -98,8 +98,12 @@ def make_logger(cfg: DictConfig, run_dir: Path, overrides: list[str], run_id: st
     are the command-line overrides that made this run (tagged, their keys as ``swept_keys``)."""
     t = cfg.tracking
     ensure_experiment(t.uri, t.experiment)
+    grid = cfg.get("grid") or {}
+    arm = grid.get("arm") or " ".join(o for o in overrides if o.split("=", 1)[0] not in ("seed", "ablations"))
     tags = {
         "ablation": cfg.ablation,
+        "arm": arm or "(defaults)",
+        "baseline": grid.get("baseline") or "",
         "overrides": " ".join(overrides) or "(defaults)",
         "swept_keys": ",".join(sorted(o.split("=", 1)[0].lstrip("+~") for o in overrides)),
         "config_hash": config_hash(cfg),
@@ -116,6 +120,11 @@ def make_logger(cfg: DictConfig, run_dir: Path, overrides: list[str], run_id: st
     else:
         logger.experiment.update_run(run_id, status="RUNNING")
     return logger
+
+
+def log_expert_loads(logger: MLFlowLogger, loads: list[list[float]]) -> None:
+    """Tokens per expert per MoE layer over the last validation, for the report's heatmaps."""
+    logger.experiment.log_dict(logger.run_id, {"loads": loads}, "expert_load.json")
 
 
 def mark_failed(logger: MLFlowLogger, reason: str) -> None:

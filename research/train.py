@@ -74,13 +74,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
 
     t = cfg.trainer
     ckpt_dir = resume.path.parent if resume else run_dir / "checkpoints"
+    moe_monitor = MoEMonitor()
     callbacks = [
         ModelCheckpoint(
             dirpath=ckpt_dir, every_n_train_steps=t.checkpoint_every, save_last=True, save_top_k=0
         ),
         RecordRunId(logger.run_id),
         PerfMonitor(t.perf_warmup_steps, cfg.data.seq_len),
-        MoEMonitor(),
+        moe_monitor,
         StaticMetrics(),
         DivergenceGuard(),
         LearningRateMonitor(logging_interval="step"),
@@ -109,6 +110,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         if trainer.global_step % t.val_every:  # finish on a measured model
             trainer.validate(module, datamodule=data, verbose=False)
             logger.finalize("success")
+        if moe_monitor.global_loads is not None:
+            tracking.log_expert_loads(logger, moe_monitor.global_loads.tolist())
     except BaseException as e:
         tracking.mark_failed(logger, f"{type(e).__name__}: {' '.join(str(e).split())}")
         raise

@@ -17,11 +17,17 @@ TINY = [
 ]  # fmt: skip
 
 
-def lab(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_lab(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``lab ARGS`` in ``cwd``, offline, with its own (or the session's shared) token cache."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf")}
     env.setdefault("LAB_CACHE_DIR", str(cwd / "cache"))
-    return subprocess.run([sys.executable, "-m", "research.cli", "train", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "research.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def lab(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``lab train ARGS``."""
+    return run_lab(cwd, "train", *args, timeout=timeout)
 
 
 def runs(cwd: Path, experiment: str = "adhoc") -> list:

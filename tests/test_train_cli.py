@@ -65,7 +65,7 @@ def test_run_records_config_params_and_artifact(tmp_path, shared_cache):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml", "expert_load.json"]
     assert history(tmp_path, run.info.run_id, M.VAL_BPB)[-1][0] == 3  # evaluated at the last step
     assert history(tmp_path, run.info.run_id, M.KV_CACHE_BYTES_PER_TOKEN) == [(0, 2 * 2 * 2 * 16 * 4)]
 
@@ -137,8 +137,8 @@ def test_hydra_conventions(tmp_path):
     assert helptext.returncode == 0
     assert "attention: gqa, mha, mla" in helptext.stdout
     assert "balance: aux_free, aux_free+seq_aux, aux_loss, none, seq_aux" in helptext.stdout
-    quick = lab(tmp_path, "experiment=quick", "--cfg", "hydra")
-    assert "mode: MULTIRUN" in quick.stdout and "attention: mha,mla" in quick.stdout
+    quick = lab(tmp_path, "ablations=quick", "--cfg", "job")
+    assert "ablation: quick" in quick.stdout and "baseline: attention=mha ffn=dense" in quick.stdout
 
 
 def test_text_and_hf_data_train(tmp_path):
@@ -170,3 +170,10 @@ def test_text_and_hf_data_train(tmp_path):
     missing = lab(tmp_path, *TINY, "data=text", f"data.path={tmp_path / 'nowhere'}")
     assert missing.returncode == 2
     assert error_line(missing) == f"error: data.path='{tmp_path / 'nowhere'}' does not exist"
+
+
+def test_hydra_flags_are_split_from_overrides():
+    from research.cli import split_flags
+
+    flags, overrides = split_flags(["-m", "a=1", "--cfg", "job", "b=2", "--info", "defaults", "c=3"])
+    assert flags == ["-m", "--cfg", "job", "--info", "defaults"] and overrides == ["a=1", "b=2", "c=3"]

@@ -1,0 +1,450 @@
+"""Turn a grid's MLflow runs into an answer: what each arm costs and buys, with error bars.
+
+``compare(["attention"])`` reads the runs of one or more grids (MLflow experiments), keeps the
+latest run of each (arm, seed), and produces
+
+- per arm: mean +- std over seeds of each metric; the delta against the baseline arm with a 95%
+  confidence interval and a Welch t-test p-value;
+- plots: validation curves (mean and band over seeds), quality against throughput and against
+  memory (Pareto), expert-load heatmaps of MoE arms;
+- a folder with a self-contained ``report.html``, ``summary.md``, ``runs.csv`` and
+  ``summary.json``, also logged to MLflow as the artifacts of a run tagged ``lab.kind=report``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+from research import metrics as M
+
+DEFAULT_METRICS = (
+    M.VAL_BPB,
+    M.TOKENS_PER_S,
+    M.MFU,
+    M.PEAK_MEM_GIB,
+    M.MAXVIO_GLOBAL,
+    M.KV_CACHE_BYTES_PER_TOKEN,
+)
+LOWER_IS_BETTER = {
+    M.VAL_BPB,
+    M.VAL_LOSS,
+    M.PEAK_MEM_GIB,
+    M.MAXVIO_GLOBAL,
+    M.KV_CACHE_BYTES_PER_TOKEN,
+    M.STEP_MS,
+}
+REPORT_TAG = "lab.kind"
+matplotlib.use("Agg")  # files only, also where a display exists
+LABELS = {M.VAL_BPB: "val/bpb", M.TOKENS_PER_S: "tokens/s", M.MFU: "MFU", M.PEAK_MEM_GIB: "peak GiB",
+          M.MAXVIO_GLOBAL: "MaxVio", M.KV_CACHE_BYTES_PER_TOKEN: "KV B/token"}  # fmt: skip
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    experiment: str
+    arm: str
+    seed: int
+    status: str
+    reason: str
+    metrics: dict[str, float]
+    baseline: str | None = None
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float  # sample standard deviation over seeds (nan for one seed)
+    n: int
+
+
+@dataclass
+class Delta:
+    delta: float  # arm mean - baseline mean
+    ci_low: float  # 95% Welch confidence interval of the delta (nan with fewer than 2 seeds a side)
+    ci_high: float
+    p_value: float  # Welch's t-test
+
+
+@dataclass
+class ArmSummary:
+    arm: str
+    finished: int
+    failed: int
+    stats: dict[str, Stat] = field(default_factory=dict)
+    deltas: dict[str, Delta] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def load_runs(uri: str, experiments: list[str], where: dict[str, str] | None = None) -> list[RunRecord]:
+    """The latest run of each (experiment, arm, seed), a FINISHED one preferred; ``where`` keeps runs
+    whose params match (e.g. ``{"model.name": "small"}``)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    latest: dict[tuple[str, str, int], Any] = {}
+    for name in experiments:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise ValueError(f"compare: no MLflow experiment '{name}' in {uri}")
+        for run in client.search_runs(
+            [exp.experiment_id], max_results=50_000, order_by=["attributes.start_time ASC"]
+        ):
+            if REPORT_TAG in run.data.tags:
+                continue
+            if where and any(run.data.params.get(k) != str(v) for k, v in where.items()):
+                continue
+            key = (name, run.data.tags.get("arm", "(defaults)"), int(run.data.params.get("seed", 0)))
+            prev = latest.get(key)
+            if prev is None or run.info.status == "FINISHED" or prev.info.status != "FINISHED":
+                latest[key] = run
+    return [
+        RunRecord(
+            run.info.run_id,
+            exp_name,
+            arm,
+            seed,
+            run.info.status,
+            run.data.tags.get("failure_reason", ""),
+            dict(run.data.metrics),
+            run.data.tags.get("baseline"),
+        )
+        for (exp_name, arm, seed), run in latest.items()
+    ]
+
+
+def welch(a: list[float], b: list[float]) -> Delta:
+    from scipy import stats
+
+    delta = float(np.mean(a) - np.mean(b))
+    if len(a) < 2 or len(b) < 2:
+        return Delta(delta, math.nan, math.nan, math.nan)
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Delta(delta, delta, delta, math.nan)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.975, dof)) * se
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return Delta(delta, delta - half, delta + half, p)
+
+
+def summarise(runs: list[RunRecord], metrics: tuple[str, ...], baseline: str | None) -> list[ArmSummary]:
+    arms: dict[str, list[RunRecord]] = {}
+    for r in sorted(runs, key=lambda r: (r.arm, r.seed)):
+        arms.setdefault(r.arm, []).append(r)
+    finished = {arm: [r for r in rs if r.status == "FINISHED"] for arm, rs in arms.items()}
+    out = []
+    for arm, rs in arms.items():
+        s = ArmSummary(arm, len(finished[arm]), sum(r.status == "FAILED" for r in rs))
+        s.failures = [f"seed {r.seed}: {r.reason or r.status}" for r in rs if r.status != "FINISHED"]
+        for m in metrics:
+            values = [r.metrics[m] for r in finished[arm] if m in r.metrics]
+            if values:
+                std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+                s.stats[m] = Stat(float(np.mean(values)), std, len(values))
+            base = [r.metrics[m] for r in finished.get(baseline or "", []) if m in r.metrics]
+            if values and base and arm != baseline:
+                s.deltas[m] = welch(values, base)
+        out.append(s)
+    return out
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _curves(
+    uri: str, runs: list[RunRecord], metric: str = M.VAL_BPB
+) -> dict[str, list[list[tuple[int, float]]]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    curves: dict[str, list[list[tuple[int, float]]]] = {}
+    for r in runs:
+        if r.status == "FINISHED":
+            history = sorted((m.step, m.value) for m in client.get_metric_history(r.run_id, metric))
+            curves.setdefault(r.arm, []).append(history)
+    return curves
+
+
+def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, seeds in curves.items():
+        steps = sorted(set.intersection(*(set(s for s, _ in h) for h in seeds)))
+        if not steps:
+            continue
+        values = np.array([[dict(h)[s] for s in steps] for h in seeds])
+        mean = values.mean(0)
+        ax.plot(steps, mean, marker="o", label=arm)
+        if len(seeds) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2)
+    ax.set(
+        xlabel="step",
+        ylabel="val/bpb (lower is better)",
+        title="Validation curves (mean; band: min-max over seeds)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pareto_front(points: list[tuple[float, float]], x_higher_better: bool) -> list[int]:
+    """Indices not dominated: lower y is better; x is better higher (throughput) or lower (memory)."""
+    sign = -1 if x_higher_better else 1
+    return [
+        i
+        for i, (x, y) in enumerate(points)
+        if not any(sign * x2 <= sign * x and y2 <= y and (x2, y2) != (x, y) for x2, y2 in points)
+    ]
+
+
+def plot_pareto(summaries: list[ArmSummary], path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    axes_spec = [
+        (M.TOKENS_PER_S, "tokens/s (higher is better)", True),
+        (M.PEAK_MEM_GIB, "peak memory GiB", False),
+    ]
+    rows = [s for s in summaries if M.VAL_BPB in s.stats]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (metric, label, higher) in zip(axes, axes_spec, strict=True):
+        pts = [(s, s.stats[metric]) for s in rows if metric in s.stats]
+        front = set(_pareto_front([(st.mean, s.stats[M.VAL_BPB].mean) for s, st in pts], higher))
+        for i, (s, st) in enumerate(pts):
+            y = s.stats[M.VAL_BPB]
+            ax.errorbar(st.mean, y.mean, xerr=np.nan_to_num(st.std), yerr=np.nan_to_num(y.std), fmt="o",
+                        ms=9 if i in front else 6, label=s.arm + (" *" if i in front else ""))  # fmt: skip
+        ax.set(
+            xlabel=label,
+            ylabel="val/bpb (lower is better)",
+            title=f"Quality vs {metric.split('/')[1]} (* Pareto)",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_loads(uri: str, runs: list[RunRecord], path: Path) -> Path | None:
+    """One heatmap per MoE arm: the share of routed tokens each expert got, per layer (validation)."""
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    loads: dict[str, np.ndarray] = {}
+    for r in runs:
+        if r.status != "FINISHED" or r.arm in loads or M.MAXVIO_GLOBAL not in r.metrics:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = client.download_artifacts(r.run_id, "expert_load.json", tmp)
+            except MlflowException:  # no loads recorded (e.g. an interrupted run): leave it out
+                continue
+            loads[r.arm] = np.array(json.loads(Path(local).read_text())["loads"], dtype=float)
+    if not loads:
+        return None
+    fig, axes = plt.subplots(len(loads), 1, figsize=(8, 1.2 + 1.6 * len(loads)), squeeze=False)
+    for ax, (arm, load) in zip(axes[:, 0], loads.items(), strict=True):
+        share = load / np.maximum(load.sum(1, keepdims=True), 1)
+        im = ax.imshow(share * load.shape[1], aspect="auto", cmap="RdBu_r", vmin=0, vmax=2)
+        ax.set(title=f"{arm}: expert load / mean (1 = balanced)", xlabel="expert", ylabel="MoE layer")
+        ax.set_yticks(range(load.shape[0]))
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- tables and the report -------------------------------------------------------------------
+
+
+def _fmt(value: float, metric: str) -> str:
+    if math.isnan(value):
+        return "n/a"
+    if metric in (M.TOKENS_PER_S, M.KV_CACHE_BYTES_PER_TOKEN):
+        return f"{value:,.0f}"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+
+
+def _mean_std(st: Stat, metric: str) -> str:
+    return _fmt(st.mean, metric) if st.n < 2 else f"{_fmt(st.mean, metric)} ± {_fmt(st.std, metric)}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+,.0f}" if abs(value) >= 1000 else f"{value:+.3g}"
+
+
+def _delta(d: Delta) -> str:
+    if math.isnan(d.ci_low):
+        return f"{_signed(d.delta)} (one seed)"
+    if d.ci_low == d.ci_high:
+        return f"{_signed(d.delta)} (no spread)"
+    return f"{_signed(d.delta)} [{_signed(d.ci_low)}, {_signed(d.ci_high)}] p={d.p_value:.2g}"
+
+
+def tables(summaries: list[ArmSummary], metrics: tuple[str, ...], baseline: str | None) -> tuple[list, list]:
+    """Rows of the mean +- std table and of the delta table (strings, shared by terminal/HTML/MD)."""
+    shown = [m for m in metrics if any(m in s.stats for s in summaries)]
+    headers = [LABELS.get(m, m) for m in shown]
+    means = [["arm", "runs", *headers]]
+    for s in summaries:
+        cells = [_mean_std(s.stats[m], m) if m in s.stats else "-" for m in shown]
+        runs = f"{s.finished} ok" + (f", {s.failed} FAILED" if s.failed else "")
+        means.append([s.arm + (" (baseline)" if s.arm == baseline else ""), runs, *cells])
+    deltas = [["arm", *[f"Δ {h}" for h in headers]]]
+    for s in summaries:
+        if s.arm != baseline:
+            deltas.append([s.arm, *[_delta(s.deltas[m]) if m in s.deltas else "-" for m in shown]])
+    return means, deltas
+
+
+def print_tables(title: str, means: list, deltas: list, failures: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.width = max(console.width, 140)
+    captions = (f"{title}: mean ± std over seeds", "delta vs baseline [95% CI] Welch p")
+    for rows, caption in zip((means, deltas), captions, strict=True):
+        if len(rows) < 2:
+            continue
+        table = Table(title=caption)
+        for header in rows[0]:
+            table.add_column(header, justify="left" if header in ("arm", "runs") else "right")
+        for row in rows[1:]:
+            table.add_row(*row)
+        console.print(table)
+    for line in failures:
+        console.print(f"[red]FAILED[/red] {line}")
+
+
+def _md_table(rows: list) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
+
+def _html_table(rows: list) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _base64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def write_report(
+    out: Path, title: str, means: list, deltas: list, failures: list[str], plots: list[Path]
+) -> None:
+    images = "".join(
+        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{_base64(p)}">'
+        f"<figcaption>{p.stem}</figcaption></figure>"
+        for p in plots
+    )
+    failed = "".join(f"<li>{html.escape(f)}</li>" for f in failures)
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} td:first-child{text-align:left}"
+        "img{max-width:100%} .failed{color:#b00}"
+    )
+    (out / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<h2>Mean ± std over seeds</h2>{_html_table(means)}"
+        f"<h2>Delta vs baseline (95% CI, Welch t-test)</h2>{_html_table(deltas)}"
+        + (f"<h2 class='failed'>Failed runs</h2><ul class='failed'>{failed}</ul>" if failures else "")
+        + f"<h2>Plots</h2>{images}</body></html>"
+    )
+    md = [f"# {title}", "", "## Mean ± std over seeds", "", _md_table(means), "",
+          "## Delta vs baseline (95% CI, Welch t-test)", "", _md_table(deltas), ""]  # fmt: skip
+    if failures:
+        md += ["## Failed runs", "", *[f"- {f}" for f in failures], ""]
+    md += [f"![{p.stem}]({p.name})" for p in plots]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+
+
+def export(out: Path, runs: list[RunRecord], summaries: list[ArmSummary]) -> None:
+    keys = sorted({k for r in runs for k in r.metrics})
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["experiment", "arm", "seed", "status", "failure_reason", "run_id", *keys])
+        for r in sorted(runs, key=lambda r: (r.experiment, r.arm, r.seed)):
+            writer.writerow([r.experiment, r.arm, r.seed, r.status, r.reason, r.run_id,
+                             *[r.metrics.get(k, "") for k in keys]])  # fmt: skip
+    (out / "summary.json").write_text(json.dumps([asdict(s) for s in summaries], indent=2, default=str))
+
+
+@dataclass
+class Report:
+    folder: Path
+    summaries: list[ArmSummary]
+    runs: list[RunRecord]
+
+
+def compare(experiments: list[str], uri: str = "sqlite:///mlruns.db", where: dict[str, str] | None = None,
+            baseline: str | None = None, metrics: tuple[str, ...] = DEFAULT_METRICS, out: Path | None = None,
+            log_to_mlflow: bool = True, show: bool = True) -> Report:  # fmt: skip
+    """Compare the runs of ``experiments``; write the report folder; return the aggregates."""
+    runs = load_runs(uri, experiments, where)
+    if not runs:
+        raise ValueError(
+            f"compare: no runs in {', '.join(experiments)}" + (f" matching {where}" if where else "")
+        )
+    baseline = (
+        baseline or next((r.baseline for r in runs if r.baseline), None) or sorted({r.arm for r in runs})[0]
+    )
+    summaries = summarise(runs, metrics, baseline)
+    title = " + ".join(experiments) + (
+        f" ({', '.join(f'{k}={v}' for k, v in where.items())})" if where else ""
+    )
+    means, deltas = tables(summaries, metrics, baseline)
+    failures = [f"{s.arm} {f}" for s in summaries for f in s.failures]
+
+    out = out or Path("reports") / "_".join(experiments) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [plot_curves(_curves(uri, runs), out / "val_curves.png")]
+    plots += [p for p in (plot_pareto(summaries, out / "pareto.png"),
+                          plot_expert_loads(uri, runs, out / "expert_load.png")) if p]  # fmt: skip
+    write_report(out, title, means, deltas, failures, plots)
+    export(out, runs, summaries)
+    if show:
+        print_tables(title, means, deltas, failures)
+        print(f"report: {out}/report.html")
+    if log_to_mlflow:
+        _log_report(uri, experiments[0], out, title)
+    return Report(out, summaries, runs)
+
+
+def _log_report(uri: str, experiment: str, folder: Path, title: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    run = client.create_run(exp.experiment_id, run_name=f"report {folder.name}", tags={REPORT_TAG: "report"})
+    client.log_artifacts(run.info.run_id, str(folder))
+    client.set_tag(run.info.run_id, "mlflow.note.content", title)
+    client.set_terminated(run.info.run_id, "FINISHED")

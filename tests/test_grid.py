@@ -1,0 +1,194 @@
+"""Grids end to end: launch, skip what finished, survive failures, compare with error bars."""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import textwrap
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from scipy import stats
+
+from research import metrics as M
+from research.compare import REPORT_TAG, compare, welch
+from tests.cli_helpers import run_lab, runs
+
+TINY_GRID = """\
+# @package _global_
+defaults:
+  - override /model: tiny
+  - override /precision: fp32
+ablation: {name}
+data: {{seq_len: 32, batch_size: 2, val_tokens: 256}}
+trainer: {{max_steps: 4, val_every: 2, log_every: 1, checkpoint_every: 2, perf_warmup_steps: 1}}
+grid:
+{grid}
+"""
+
+
+def write_grid(cwd, name, grid):
+    (cwd / "ablations").mkdir(exist_ok=True)
+    (cwd / "ablations" / f"{name}.yaml").write_text(
+        TINY_GRID.format(name=name, grid=textwrap.indent(grid, "  "))
+    )
+
+
+def finished_runs(cwd, name):
+    return [r for r in runs(cwd, name) if REPORT_TAG not in r.data.tags]
+
+
+@pytest.fixture(scope="module")
+def grid_2x2(tmp_path_factory, shared_cache):
+    cwd = tmp_path_factory.mktemp("grid2x2")
+    write_grid(cwd, "g2x2", "params: {attention: [mha, mla], ffn: [dense, moe]}\nseeds: [0, 1]\n"
+                            "baseline: attention=mha ffn=dense")  # fmt: skip
+    proc = run_lab(cwd, "grid", "g2x2", "--jobs", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return cwd, proc
+
+
+def test_grid_runs_every_arm_and_seed_and_prints_the_comparison(grid_2x2):
+    cwd, proc = grid_2x2
+    recorded = finished_runs(cwd, "g2x2")
+    assert len(recorded) == 8 and {r.info.status for r in recorded} == {"FINISHED"}
+    assert {(r.data.tags["arm"], r.data.params["seed"]) for r in recorded} == {
+        (f"attention={a} ffn={f}", s) for a in ("mha", "mla") for f in ("dense", "moe") for s in "01"
+    }
+    assert "delta vs baseline" in proc.stdout and "attention=mla ffn=moe" in proc.stdout
+    assert sorted(p.name for p in (cwd / "multirun" / "g2x2").glob("*/*/log.txt"))  # a log per run
+
+
+def test_compare_aggregates_match_mlflow_raw_metrics(grid_2x2, tmp_path):
+    cwd, _ = grid_2x2
+    uri = f"sqlite:///{cwd / 'mlruns.db'}"
+    report = compare(["g2x2"], uri=uri, out=tmp_path / "report", show=False, log_to_mlflow=False)
+    by_arm = {}
+    for r in finished_runs(cwd, "g2x2"):
+        by_arm.setdefault(r.data.tags["arm"], []).append(r.data.metrics)
+    base = by_arm["attention=mha ffn=dense"]
+    for s in report.summaries:
+        raw = by_arm[s.arm]
+        for metric in (M.VAL_BPB, M.TOKENS_PER_S, M.PEAK_MEM_GIB):
+            values = [m[metric] for m in raw]
+            assert s.stats[metric].mean == pytest.approx(np.mean(values), rel=1e-12)
+            assert s.stats[metric].std == pytest.approx(np.std(values, ddof=1), rel=1e-12)
+            if s.arm != "attention=mha ffn=dense":
+                d = s.deltas[metric]
+                assert d.delta == pytest.approx(
+                    np.mean(values) - np.mean([m[metric] for m in base]), rel=1e-12
+                )
+                assert d.p_value == pytest.approx(
+                    stats.ttest_ind(values, [m[metric] for m in base], equal_var=False).pvalue
+                )
+        assert (M.MAXVIO_GLOBAL in s.stats) == ("moe" in s.arm)
+    files = {p.name for p in (tmp_path / "report").iterdir()}
+    assert {"report.html", "summary.md", "runs.csv", "summary.json", "val_curves.png", "pareto.png",
+            "expert_load.png"} <= files  # fmt: skip
+    exported = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert {s["arm"] for s in exported} == set(by_arm)
+    assert len((tmp_path / "report" / "runs.csv").read_text().splitlines()) == 9
+
+
+def test_compare_filters_and_logs_the_report_to_mlflow(grid_2x2, tmp_path):
+    cwd, _ = grid_2x2
+    uri = f"sqlite:///{cwd / 'mlruns.db'}"
+    only_mla = compare(["g2x2"], uri=uri, where={"attention.name": "mla"}, out=tmp_path / "mla", show=False)
+    assert {s.arm for s in only_mla.summaries} == {"attention=mla ffn=dense", "attention=mla ffn=moe"}
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("g2x2")
+    reports = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(REPORT_TAG) == "report"]
+    assert reports and "report.html" in {a.path for a in client.list_artifacts(reports[0].info.run_id)}
+    with pytest.raises(ValueError, match="no MLflow experiment 'nope'"):
+        compare(["nope"], uri=uri, show=False)
+
+
+def test_report_renders_in_headless_chromium(grid_2x2, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium installed (.ci/run installs Debian's chromium)")
+    cwd, _ = grid_2x2
+    report = compare(["g2x2"], uri=f"sqlite:///{cwd / 'mlruns.db'}", out=tmp_path / "r", show=False,
+                     log_to_mlflow=False)  # fmt: skip
+    page = (report.folder / "report.html").read_text()
+    probe = (
+        "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+        "document.body.dataset.images = imgs.length;"
+        "document.body.dataset.loaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;"
+        "document.body.dataset.tables = document.querySelectorAll('table tbody tr').length; });</script>"
+    )
+    (tmp_path / "probe.html").write_text(page.replace("</body>", probe + "</body>"))
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}",
+    ]  # fmt: skip
+    dump = [chromium, *flags, "--virtual-time-budget=5000", "--dump-dom", f"file://{tmp_path / 'probe.html'}"]
+    dom = subprocess.run(dump, capture_output=True, text=True, timeout=120)
+    found = dict(re.findall(r'data-(images|loaded|tables)="(\d+)"', dom.stdout))
+    assert found, dom.stderr[-2000:]
+    assert int(found["images"]) == 3 and found["loaded"] == found["images"]
+    assert int(found["tables"]) == 4 + 3  # one row per arm, one delta row per non-baseline arm
+    shot = report.folder / "screenshot.png"
+    page_url = f"file://{report.folder / 'report.html'}"
+    subprocess.run(
+        [chromium, *flags, "--window-size=1280,2400", f"--screenshot={shot}", page_url], timeout=120
+    )
+    assert shot.stat().st_size > 10_000
+
+
+def test_failed_arm_is_recorded_reported_and_rerun_while_finished_arms_are_skipped(tmp_path, shared_cache):
+    write_grid(tmp_path, "gfail", "arms: {plain: [], gqa: [attention=gqa], diverges: [model.init_std=1e30]}\n"
+                                  "seeds: [0]\nbaseline: plain")  # fmt: skip
+    first = run_lab(tmp_path, "grid", "gfail")
+    assert first.returncode == 0, first.stderr[-3000:]
+    recorded = {r.data.tags["arm"]: r for r in finished_runs(tmp_path, "gfail")}
+    assert recorded["plain"].info.status == recorded["gqa"].info.status == "FINISHED"
+    assert recorded["diverges"].info.status == "FAILED"
+    assert "loss is nan" in recorded["diverges"].data.tags["failure_reason"]
+    assert "failed: diverges seed=0: run failed: TrainingDiverged" not in first.stdout
+    assert "FAILED" in first.stdout and "diverges" in first.stdout  # the table lists it
+    report = compare(["gfail"], uri=f"sqlite:///{tmp_path / 'mlruns.db'}", out=tmp_path / "r", show=False)
+    failed = next(s for s in report.summaries if s.arm == "diverges")
+    assert failed.failed == 1 and failed.finished == 0 and "loss is nan" in failed.failures[0]
+    assert "Failed runs" in (tmp_path / "r" / "report.html").read_text()
+
+    again = run_lab(tmp_path, "grid", "gfail")
+    assert "3 runs, 2 already finished" in again.stdout
+    arms = [r.data.tags["arm"] for r in finished_runs(tmp_path, "gfail")]
+    assert sorted(arms) == ["diverges", "diverges", "gqa", "plain"]  # only the failed arm ran again
+
+
+def test_parallel_runs_share_one_sqlite_store_and_lose_nothing(tmp_path, shared_cache):
+    write_grid(tmp_path, "gpar", "params: {attention: [mha]}\nseeds: [0, 1, 2, 3]")
+    proc = run_lab(tmp_path, "grid", "gpar", "--jobs", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = finished_runs(tmp_path, "gpar")
+    assert len(recorded) == 4 and {r.info.status for r in recorded} == {"FINISHED"}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    for r in recorded:
+        assert {M.TRAIN_LOSS, M.VAL_BPB, M.TOKENS_PER_S, M.PEAK_MEM_GIB} <= set(r.data.metrics)
+        assert [m.step for m in client.get_metric_history(r.info.run_id, M.TRAIN_LOSS)] == [0, 1, 2, 3]
+        assert len(client.get_metric_history(r.info.run_id, M.VAL_BPB)) == 2
+
+
+def test_unknown_grid_and_bad_where_fail_in_one_line(tmp_path):
+    proc = run_lab(tmp_path, "grid", "nonexistent")
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "error: grid='nonexistent' is not allowed; allowed:"
+    )
+    proc = run_lab(tmp_path, "compare", "x", "--where", "model.name")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --where 'model.name' is not KEY=VALUE"
+
+
+def test_welch_interval():
+    a, b = [1.0, 1.2, 0.9, 1.1], [0.5, 0.7, 0.6]
+    d = welch(a, b)
+    assert d.delta == pytest.approx(np.mean(a) - np.mean(b))
+    va, vb = np.var(a, ddof=1) / 4, np.var(b, ddof=1) / 3
+    dof = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)
+    half = stats.t.ppf(0.975, dof) * math.sqrt(va + vb)
+    assert (d.ci_low, d.ci_high) == pytest.approx((d.delta - half, d.delta + half))
+    assert d.p_value == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert math.isnan(welch([1.0], [2.0, 3.0]).ci_low)
