@@ -68,8 +68,9 @@ class LitLM(L.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": o["weight_decay"]},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # norms: no decay
         ]
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
+        # Not fused: Lightning refuses gradient clipping with a fused optimizer under mixed precision.
+        # The default multi-tensor (foreach) kernels are used on GPU instead.
+        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
         schedule = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, o["warmup_steps"], o["total_steps"], o["min_lr_ratio"])
         )

@@ -66,6 +66,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     precision = precision_of(cfg)
     tracking.ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)  # a dead store fails here
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls on GPUs that have it
     data = LMDataModule(cfg.data, seed=cfg.seed)
     corpus = data.prepare()
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
