@@ -38,15 +38,26 @@ def run_arm(overrides: list[str], steps: int) -> dict[str, float]:
     L.seed_everything(cfg.seed, verbose=False)
     data = LMDataModule(cfg.data, seed=cfg.seed)
     corpus = data.prepare()
-    module = LitLM(model_config(cfg, corpus.vocab_size), OmegaConf.to_container(cfg.optim, resolve=True),
-                   torch.from_numpy(corpus.token_bytes))  # fmt: skip
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    module = LitLM(model_config(cfg, corpus.vocab_size), optim, torch.from_numpy(corpus.token_bytes))
     with tempfile.TemporaryDirectory() as tmp:
+        callbacks = [PerfMonitor(5, cfg.data.seq_len), MoEMonitor(), DivergenceGuard()]
         trainer = L.Trainer(
-            accelerator="gpu", devices=1, precision=precision_of(cfg), max_steps=steps, val_check_interval=steps,
-            check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=5, gradient_clip_val=1.0,
-            logger=CSVLogger(tmp), enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=[PerfMonitor(5, cfg.data.seq_len), MoEMonitor(), DivergenceGuard()],
-        )  # fmt: skip
+            accelerator="gpu",
+            devices=1,
+            precision=precision_of(cfg),
+            max_steps=steps,
+            val_check_interval=steps,
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            log_every_n_steps=5,
+            gradient_clip_val=1.0,
+            logger=CSVLogger(tmp),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
         trainer.fit(module, datamodule=data)
     out = {k: float(v) for k, v in trainer.callback_metrics.items()}
     out["params_M"] = module.model.num_params() / 1e6
@@ -66,10 +77,11 @@ def main() -> None:
         rows.append((name, run_arm(overrides + extra, args.steps)))
     print(f"{'arm':<22}{'params M':>10}{'active M':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}"
           f"{'train loss':>12}{'val/bpb':>9}")  # fmt: skip
+    nan = float("nan")
     for name, m in rows:
-        print(f"{name:<22}{m['params_M']:>10.1f}{m['active_M']:>10.1f}{m.get(M.TOKENS_PER_S, 0):>12,.0f}"
-              f"{m.get(M.MFU, float('nan')):>8.1%}{m.get(M.PEAK_MEM_GIB, 0):>10.2f}"
-              f"{m.get(M.TRAIN_LOSS, float('nan')):>12.4f}{m.get(M.VAL_BPB, float('nan')):>9.4f}")  # fmt: skip
+        print(f"{name:<22}{m['params_M']:>10.1f}{m['active_M']:>10.1f}{m[M.TOKENS_PER_S]:>12,.0f}"
+              f"{m.get(M.MFU, nan):>8.1%}{m.get(M.PEAK_MEM_GIB, nan):>10.2f}"
+              f"{m.get(M.TRAIN_LOSS, nan):>12.4f}{m.get(M.VAL_BPB, nan):>9.4f}")  # fmt: skip
 
 
 if __name__ == "__main__":
