@@ -13,11 +13,10 @@ latest run of each (arm, seed), and produces
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import json
 import math
+import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -28,6 +27,7 @@ import matplotlib
 import numpy as np
 
 from research import metrics as M
+from research.report import print_tables, write_report
 
 DEFAULT_METRICS = (
     M.VAL_BPB,
@@ -253,6 +253,7 @@ def plot_expert_loads(uri: str, runs: list[RunRecord], path: Path) -> Path | Non
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny file is noise
     loads: dict[str, np.ndarray] = {}
     for r in runs:
         if r.status != "FINISHED" or r.arm in loads or M.MAXVIO_GLOBAL not in r.metrics:
@@ -321,72 +322,6 @@ def tables(summaries: list[ArmSummary], metrics: tuple[str, ...], baseline: str 
     return means, deltas
 
 
-def print_tables(title: str, means: list, deltas: list, failures: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.width = max(console.width, 140)
-    captions = (f"{title}: mean ± std over seeds", "delta vs baseline [95% CI] Welch p")
-    for rows, caption in zip((means, deltas), captions, strict=True):
-        if len(rows) < 2:
-            continue
-        table = Table(title=caption)
-        for header in rows[0]:
-            table.add_column(header, justify="left" if header in ("arm", "runs") else "right")
-        for row in rows[1:]:
-            table.add_row(*row)
-        console.print(table)
-    for line in failures:
-        console.print(f"[red]FAILED[/red] {line}")
-
-
-def _md_table(rows: list) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
-
-
-def _html_table(rows: list) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _base64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
-
-def write_report(
-    out: Path, title: str, means: list, deltas: list, failures: list[str], plots: list[Path]
-) -> None:
-    images = "".join(
-        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{_base64(p)}">'
-        f"<figcaption>{p.stem}</figcaption></figure>"
-        for p in plots
-    )
-    failed = "".join(f"<li>{html.escape(f)}</li>" for f in failures)
-    style = (
-        "body{font-family:sans-serif;margin:2em;max-width:1200px}"
-        "table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} td:first-child{text-align:left}"
-        "img{max-width:100%} .failed{color:#b00}"
-    )
-    (out / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<h2>Mean ± std over seeds</h2>{_html_table(means)}"
-        f"<h2>Delta vs baseline (95% CI, Welch t-test)</h2>{_html_table(deltas)}"
-        + (f"<h2 class='failed'>Failed runs</h2><ul class='failed'>{failed}</ul>" if failures else "")
-        + f"<h2>Plots</h2>{images}</body></html>"
-    )
-    md = [f"# {title}", "", "## Mean ± std over seeds", "", _md_table(means), "",
-          "## Delta vs baseline (95% CI, Welch t-test)", "", _md_table(deltas), ""]  # fmt: skip
-    if failures:
-        md += ["## Failed runs", "", *[f"- {f}" for f in failures], ""]
-    md += [f"![{p.stem}]({p.name})" for p in plots]
-    (out / "summary.md").write_text("\n".join(md) + "\n")
-
-
 def export(out: Path, runs: list[RunRecord], summaries: list[ArmSummary]) -> None:
     keys = sorted({k for r in runs for k in r.metrics})
     with open(out / "runs.csv", "w", newline="") as f:
@@ -429,10 +364,12 @@ def compare(experiments: list[str], uri: str = "sqlite:///mlruns.db", where: dic
     plots = [plot_curves(_curves(uri, runs), out / "val_curves.png")]
     plots += [p for p in (plot_pareto(summaries, out / "pareto.png"),
                           plot_expert_loads(uri, runs, out / "expert_load.png")) if p]  # fmt: skip
-    write_report(out, title, means, deltas, failures, plots)
+    tables_ = [("Mean ± std over seeds", means), ("Delta vs baseline (95% CI, Welch t-test)", deltas)]
+    write_report(out, title, tables_, failures, plots)
     export(out, runs, summaries)
     if show:
-        print_tables(title, means, deltas, failures)
+        captions = (f"{title}: mean ± std over seeds", "delta vs baseline [95% CI] Welch p")
+        print_tables(list(zip(captions, (means, deltas), strict=True)), failures)
         print(f"report: {out}/report.html")
     if log_to_mlflow:
         _log_report(uri, experiments[0], out, title)
