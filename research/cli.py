@@ -1,7 +1,13 @@
 """``lab``: the command line.
 
-lab train [OVERRIDES]      train one config (or a grid with -m / an experiment in multirun mode)
-lab train --help           Hydra's help: the config groups and their choices
+lab train [OVERRIDES]                 train one config (Hydra: -m for a multirun, --help, --cfg job)
+lab grid NAME [OVERRIDES] [--jobs N] [--gpus 0,1,..]
+                                      run the grid ablations/NAME.yaml, then compare its arms
+lab compare NAME [NAME..] [--where KEY=VALUE] [--baseline ARM] [--out DIR] [--uri URI]
+                                      table, plots and report of grids already run
+lab sweep NAME [OVERRIDES] [--workers N] [--trials N] [--storage URL]
+                                      run (or resume) the Optuna study sweeps/NAME.yaml
+lab grid --list | lab sweep --list    what there is
 """
 
 from __future__ import annotations
@@ -34,14 +40,14 @@ def train_app(cfg: DictConfig) -> float | None:
 
     run_dir, overrides = run_dir_of_hydra_job()
     try:
-        metrics = train(cfg, run_dir, overrides)
+        result = train(cfg, run_dir, overrides)
     except (*USER_ERRORS, TrainingDiverged) as e:
         prefix = "run failed" if isinstance(e, TrainingDiverged) else "error"
         print(f"{prefix}: {one_line(e)}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None  # one bad arm does not stop the grid
         sys.exit(1 if isinstance(e, TrainingDiverged) else 2)
-    return metrics.get("val/bpb")
+    return result.metrics.get("val/bpb")
 
 
 def precheck(overrides: list[str]) -> str | None:
@@ -172,13 +178,42 @@ def _compare(rest: list[str]) -> None:
         fail_if(one_line(e))
 
 
+def _sweep(rest: list[str]) -> None:
+    import argparse
+
+    from research import sweep
+
+    parser = argparse.ArgumentParser(
+        prog="lab sweep", description="Run or resume an Optuna study from sweeps/."
+    )
+    parser.add_argument("name", nargs="?", help="the study: sweeps/NAME.yaml")
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the study's storage")
+    parser.add_argument("--trials", type=int, help="the budget (default: the file's budget.n_trials)")
+    parser.add_argument("--storage", help="sqlite:///F.db, postgresql://..., or journal:PATH")
+    parser.add_argument("--list", action="store_true", help="list the studies and exit")
+    args, overrides = parser.parse_known_args(rest)
+    if args.list or not args.name:
+        print("studies: " + ", ".join(sweep.available()))
+        return
+    try:
+        spec = sweep.load_spec(args.name, overrides, args.trials, args.storage)
+    except Exception as e:
+        fail_if(one_line(e))
+    fail_if(precheck(spec.overrides))
+    fail_if(None if args.workers >= 1 else f"--workers={args.workers} is not allowed; allowed: 1 or more")
+    try:
+        sweep.run_sweep(spec, workers=args.workers)
+    except USER_ERRORS as e:
+        fail_if(one_line(e))
+
+
 def fail_if(problem: str | None) -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
 
 
-COMMANDS = {"train": _train, "grid": _grid, "compare": _compare}
+COMMANDS = {"train": _train, "grid": _grid, "compare": _compare, "sweep": _sweep}
 
 
 def main(argv: list[str] | None = None) -> None:

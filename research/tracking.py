@@ -93,7 +93,13 @@ def ensure_experiment(uri: str, name: str) -> str:
             raise TrackingError(f"tracking.uri='{uri}' is unreachable: {reason}") from e
 
 
-def make_logger(cfg: DictConfig, run_dir: Path, overrides: list[str], run_id: str | None) -> MLFlowLogger:
+def make_logger(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    run_id: str | None,
+    extra_tags: dict[str, str] | None = None,
+) -> MLFlowLogger:
     """The run's logger: a new MLflow run, or ``run_id`` continued after a resume. ``overrides``
     are the command-line overrides that made this run (tagged, their keys as ``swept_keys``)."""
     t = cfg.tracking
@@ -109,6 +115,7 @@ def make_logger(cfg: DictConfig, run_dir: Path, overrides: list[str], run_id: st
         "config_hash": config_hash(cfg),
         "git_revision": git_revision(),
         "run_dir": str(run_dir),
+        **(extra_tags or {}),
     }
     logger = MLFlowLogger(experiment_name=t.experiment, run_name=t.get("run_name"), tracking_uri=t.uri,
                           tags=tags if run_id is None else None, run_id=run_id)  # fmt: skip

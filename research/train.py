@@ -60,9 +60,23 @@ class RecordRunId(L.Callback):
         checkpoint["mlflow_run_id"] = self.run_id
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, float]:
-    """Train one configuration; return its final metrics. Raises before training on bad input."""
+@dataclass
+class TrainResult:
+    run_id: str  # the MLflow run
+    metrics: dict[str, float]  # the last value of each logged metric
+
+
+def train(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str] | None = None,
+    tags: dict[str, str] | None = None,
+    callbacks: list[L.Callback] | None = None,
+) -> TrainResult:
+    """Train one configuration. ``tags`` go on the MLflow run (e.g. a parent run id), ``callbacks``
+    join the standard ones (e.g. a pruner's). Raises before training on bad input."""
     resume = find_checkpoint(cfg.resume) if cfg.get("resume") else None
+    run_dir.mkdir(parents=True, exist_ok=True)
     precision = precision_of(cfg)
     tracking.ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)  # a dead store fails here
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -71,12 +85,13 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     corpus = data.prepare()
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     module = LitLM(model_config(cfg, corpus.vocab_size), optim, torch.from_numpy(corpus.token_bytes))
-    logger = tracking.make_logger(cfg, run_dir, overrides or [], resume.run_id if resume else None)
+    logger = tracking.make_logger(cfg, run_dir, overrides or [], resume.run_id if resume else None, tags)
 
     t = cfg.trainer
     ckpt_dir = resume.path.parent if resume else run_dir / "checkpoints"
     moe_monitor = MoEMonitor()
     callbacks = [
+        *(callbacks or []),
         ModelCheckpoint(
             dirpath=ckpt_dir, every_n_train_steps=t.checkpoint_every, save_last=True, save_top_k=0
         ),
@@ -116,7 +131,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     except BaseException as e:
         tracking.mark_failed(logger, f"{type(e).__name__}: {' '.join(str(e).split())}")
         raise
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return TrainResult(logger.run_id, {k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 def run_dir_of_hydra_job() -> tuple[Path, list[str]]:

@@ -1,0 +1,345 @@
+"""Optuna sweeps: one YAML per study in ``sweeps/``, every trial through the same ``train()``.
+
+A sweep file names its objectives (metrics from ``research.metrics`` with directions), a search
+space over config keys (floats, ints, categoricals, component choices such as ``attention``), a
+sampler, a pruner, a budget and fixed overrides. Each trial composes the Hydra config with its
+sampled overrides and trains; ``val/bpb`` is reported at every evaluation so the pruner can stop
+poor trials early. The study lives in Optuna storage (SQLite by default, any RDB URL, or
+``journal:PATH`` for Optuna's journal file on a shared filesystem): launching a sweep again resumes
+it, and ``--workers N`` runs N processes on the same study.
+
+In MLflow a sweep is a parent run (tag ``lab.kind=sweep``) and each trial a child run with its
+trial number and final state (COMPLETE / PRUNED / FAIL); the parent gets the best trial (or the
+Pareto set) and the report.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import optuna
+from omegaconf import OmegaConf
+
+from components.registry import require, spec_error
+from research import metrics as M
+from research.grid import REPO_ROOT, searchpath_override
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+DIRECTIONS = ("minimize", "maximize")
+SAMPLERS = ("tpe", "random", "grid", "nsga2", "nsga3", "gp")
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+SPACE_TYPES = ("float", "int", "categorical")
+
+
+def sweep_dirs() -> list[Path]:
+    return [d for d in (Path.cwd() / "sweeps", REPO_ROOT / "sweeps") if d.is_dir()]
+
+
+def available() -> list[str]:
+    return sorted({p.stem for d in sweep_dirs() for p in d.glob("*.yaml")})
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    objectives: list[tuple[str, str]]  # (metric, direction)
+    space: dict[str, dict[str, Any]]
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    n_trials: int
+    timeout: float | None
+    overrides: list[str]  # fixed for every trial
+    storage: str
+    experiment: str
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def directions(self) -> list[str]:
+        return [d for _, d in self.objectives]
+
+
+def load_spec(
+    name: str, overrides: list[str] = (), n_trials: int | None = None, storage: str | None = None
+) -> SweepSpec:
+    """Read and check ``sweeps/NAME.yaml``; every problem is a one-line ValueError naming the key."""
+    path = next((d / f"{name}.yaml" for d in sweep_dirs() if (d / f"{name}.yaml").exists()), None)
+    if path is None:
+        raise spec_error("sweep", name, available())
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    known = {"study", "objectives", "space", "sampler", "pruner", "budget", "overrides", "storage", "enqueue"}
+    for key in raw:
+        require(key in known, f"sweep.{key}", raw[key], ", ".join(sorted(known)))
+    objectives = []
+    for i, o in enumerate(raw.get("objectives") or []):
+        require(o.get("metric") in M.ALL, f"objectives[{i}].metric", o.get("metric"), ", ".join(M.ALL))
+        require(
+            o.get("direction") in DIRECTIONS,
+            f"objectives[{i}].direction",
+            o.get("direction"),
+            "minimize, maximize",
+        )
+        objectives.append((o["metric"], o["direction"]))
+    require(bool(objectives), "objectives", None, "a list of {metric, direction}")
+    space = raw.get("space") or {}
+    require(bool(space), "space", space, "a mapping of config keys to {type, ...}")
+    for key, s in space.items():
+        _check_dimension(key, s)
+    sampler = raw.get("sampler") or {"name": "tpe"}
+    pruner = raw.get("pruner") or {"name": "none"}
+    require(sampler.get("name") in SAMPLERS, "sampler.name", sampler.get("name"), ", ".join(SAMPLERS))
+    require(pruner.get("name") in PRUNERS, "pruner.name", pruner.get("name"), ", ".join(PRUNERS))
+    if len(objectives) > 1:
+        require(
+            pruner["name"] == "none",
+            "pruner.name",
+            pruner["name"],
+            "none (Optuna prunes single-objective studies only)",
+        )
+    if sampler["name"] == "grid":
+        require(all(s["type"] == "categorical" for s in space.values()), "sampler.name", "grid",
+                "a space of categoricals only")  # fmt: skip
+    budget = raw.get("budget") or {}
+    trials = n_trials or budget.get("n_trials")
+    require(isinstance(trials, int) and trials >= 1, "budget.n_trials", trials, "a positive integer")
+    study = raw.get("study") or name
+    return SweepSpec(
+        name=study,
+        objectives=objectives,
+        space=space,
+        sampler=sampler,
+        pruner=pruner,
+        n_trials=trials,
+        timeout=budget.get("timeout"),
+        overrides=[*(raw.get("overrides") or []), *overrides],
+        storage=storage or raw.get("storage") or "sqlite:///optuna.db",
+        experiment=f"sweep_{study}",
+        enqueue=raw.get("enqueue") or [],
+    )
+
+
+def _check_dimension(key: str, s: dict[str, Any]) -> None:
+    where = f"space.{key}"
+    require(
+        isinstance(s, dict) and s.get("type") in SPACE_TYPES,
+        f"{where}.type",
+        (s or {}).get("type"),
+        ", ".join(SPACE_TYPES),
+    )
+    if s["type"] == "categorical":
+        choices = s.get("choices") or []
+        require(len(choices) >= 1, f"{where}.choices", choices, "a non-empty list")
+        group = CONF_DIR / key
+        if "." not in key and group.is_dir():  # a component axis: each choice must be a config file
+            allowed = sorted(p.stem for p in group.glob("*.yaml"))
+            for c in choices:
+                require(str(c) in allowed, f"{where}.choices", c, ", ".join(allowed))
+        return
+    low, high = s.get("low"), s.get("high")
+    require(
+        isinstance(low, int | float) and isinstance(high, int | float),
+        f"{where}.low",
+        low,
+        "numbers low and high",
+    )
+    require(low < high, f"{where}.low", low, f"less than high={high}")
+    if s.get("log"):
+        require(low > 0, f"{where}.low", low, "> 0 with log: true")
+    if s["type"] == "int":
+        require(int(s.get("step", 1)) >= 1, f"{where}.step", s.get("step"), "a positive integer")
+
+
+# --- Optuna objects ----------------------------------------------------------------------------
+
+
+def make_storage(url: str) -> str | optuna.storages.BaseStorage:
+    """An RDB URL as is; ``journal:PATH`` as Optuna's journal file (for shared filesystems)."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    return url
+
+
+def make_sampler(spec: SweepSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
+    s = dict(spec.sampler)
+    name = s.pop("name")
+    if "seed" in s and s["seed"] is not None:
+        s["seed"] = int(s["seed"]) + worker  # workers must not draw the same points
+    if name == "grid":
+        return optuna.samplers.GridSampler({k: v["choices"] for k, v in spec.space.items()}, **s)
+    classes = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+               "nsga2": optuna.samplers.NSGAIISampler, "nsga3": optuna.samplers.NSGAIIISampler,
+               "gp": optuna.samplers.GPSampler}  # fmt: skip
+    return classes[name](**s)
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    p = dict(spec.pruner)
+    name = p.pop("name")
+    classes = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
+               "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+               "hyperband": optuna.pruners.HyperbandPruner}  # fmt: skip
+    return classes[name](**p)
+
+
+def open_study(spec: SweepSpec, worker: int = 0) -> optuna.Study:
+    return optuna.create_study(
+        study_name=spec.name,
+        storage=make_storage(spec.storage),
+        sampler=make_sampler(spec, worker),
+        pruner=make_pruner(spec),
+        directions=spec.directions,
+        load_if_exists=True,
+    )
+
+
+def sample(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> list[str]:
+    """The trial's config overrides, one per dimension of the space."""
+    out = []
+    for key, s in space.items():
+        if s["type"] == "float":
+            value = trial.suggest_float(key, s["low"], s["high"], log=bool(s.get("log")))
+        elif s["type"] == "int":
+            value = trial.suggest_int(
+                key, s["low"], s["high"], step=int(s.get("step", 1)), log=bool(s.get("log"))
+            )
+        else:
+            value = trial.suggest_categorical(key, s["choices"])
+        out.append(f"{key}={value}")
+    return out
+
+
+class ReportToTrial(L.Callback):
+    """Reports the monitored metric to the trial after every evaluation, at the training step, and
+    prunes. (optuna-integration's Lightning callback reports per epoch; our runs evaluate every N
+    steps inside one endless epoch, so its reports would all land on step 0.)"""
+
+    def __init__(self, trial: optuna.Trial, monitor: str):
+        self.trial, self.monitor = trial, monitor
+        self.run_id: str | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run_id = trainer.logger.run_id
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or trainer.sanity_checking or len(self.trial.study.directions) > 1:
+            return  # Optuna takes intermediate values (and prunes) for single-objective studies only
+        self.trial.report(float(value), step=trainer.global_step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(
+                f"pruned at step {trainer.global_step} with {self.monitor}={float(value):.4f}"
+            )
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def _trial_config(spec: SweepSpec, trial_overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    overrides = [*spec.overrides, *trial_overrides, f"tracking.experiment={spec.experiment}"]
+    with initialize_config_module("research.conf", version_base="1.3"):
+        return compose("train", overrides=[searchpath_override(), *overrides]), overrides
+
+
+def objective(trial: optuna.Trial, spec: SweepSpec, parent_run_id: str, out_dir: Path) -> list[float]:
+    from mlflow import MlflowClient
+
+    from research.train import train
+
+    cfg, overrides = _trial_config(spec, sample(trial, spec.space))
+    tags = {"mlflow.parentRunId": parent_run_id, "optuna.study": spec.name, "optuna.trial": str(trial.number)}
+    reporter = ReportToTrial(trial, spec.objectives[0][0])
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    try:
+        result = train(cfg, out_dir / f"trial_{trial.number}", overrides, tags, callbacks=[reporter])
+    except BaseException as e:
+        if reporter.run_id:
+            trial.set_user_attr("mlflow_run_id", reporter.run_id)
+            pruned = isinstance(e, optuna.TrialPruned)
+            client.set_tag(reporter.run_id, "optuna.state", "PRUNED" if pruned else "FAIL")
+            if pruned:  # stopped on purpose: not a failure of the run
+                client.set_terminated(reporter.run_id, "KILLED")
+        raise
+    trial.set_user_attr("mlflow_run_id", result.run_id)
+    client.set_tag(result.run_id, "optuna.state", "COMPLETE")
+    missing = [m for m, _ in spec.objectives if m not in result.metrics]
+    require(
+        not missing, "objectives", missing, "metrics this run logs (perf/mfu needs a GPU with a known peak)"
+    )
+    return [result.metrics[m] for m, _ in spec.objectives]
+
+
+def _worker(spec: SweepSpec, worker: int, n_trials: int, parent_run_id: str, out_dir: Path) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(spec, worker)
+    study.optimize(lambda t: objective(t, spec, parent_run_id, out_dir), n_trials=n_trials,
+                   timeout=spec.timeout, catch=(Exception,))  # fmt: skip
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    """Trials left RUNNING by a sweep that was stopped: FAIL, so the budget runs them again."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+
+
+def _parent_run(spec: SweepSpec, uri: str) -> str:
+    from mlflow import MlflowClient
+
+    from research.tracking import ensure_experiment
+
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = ensure_experiment(uri, spec.experiment)
+    found = client.search_runs([exp_id], f"tags.`lab.kind` = 'sweep' and tags.`optuna.study` = '{spec.name}'")
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(
+        exp_id, run_name=f"sweep {spec.name}", tags={"lab.kind": "sweep", "optuna.study": spec.name}
+    )
+    client.log_param(run.info.run_id, "storage", spec.storage)
+    return run.info.run_id
+
+
+def run_sweep(spec: SweepSpec, workers: int = 1) -> optuna.Study:
+    """Create or resume the study, run its remaining budget on ``workers`` processes, report."""
+    cfg, _ = _trial_config(spec, [])
+    study = open_study(spec)
+    _fail_stale(study)
+    done = len(
+        study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        )
+    )
+    if not study.trials:
+        for params in spec.enqueue:
+            study.enqueue_trial(params)
+    remaining = max(0, spec.n_trials - done)
+    parent = _parent_run(spec, cfg.tracking.uri)
+    out_dir = Path("sweeps_out") / spec.name
+    print(f"sweep '{spec.name}': {done} of {spec.n_trials} trials done, {remaining} to run on "
+          f"{workers} worker(s) (storage {spec.storage}, MLflow experiment {spec.experiment})")  # fmt: skip
+    quotas = [remaining // workers + (i < remaining % workers) for i in range(workers)]
+    if workers == 1:
+        if remaining:
+            _worker(spec, 0, remaining, parent, out_dir)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no shared torch state
+        procs = [
+            ctx.Process(target=_worker, args=(spec, i, q, parent, out_dir)) for i, q in enumerate(quotas) if q
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    from research.sweep_report import report_sweep
+
+    out = Path("reports") / spec.experiment / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    report_sweep(open_study(spec), spec, cfg.tracking.uri, parent, out)
+    return open_study(spec)
