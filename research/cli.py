@@ -213,6 +213,14 @@ def fail_if(problem: str | None) -> None:
         sys.exit(2)
 
 
+def quiet() -> None:
+    """Lightning's banners (GPU available, tips) and one upstream deprecation add nothing here."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings(
+        "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
+    )  # Lightning vs torch 2.13
+
+
 COMMANDS = {"train": _train, "grid": _grid, "compare": _compare, "sweep": _sweep}
 
 
@@ -224,10 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail_if(f"unknown command '{command}'; commands: {', '.join(COMMANDS)}")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings(
-        "ignore", message=".*isinstance\\(treespec, LeafSpec\\)"
-    )  # Lightning vs new torch
+    quiet()
     COMMANDS[command](rest)
 
 

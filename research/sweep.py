@@ -277,6 +277,9 @@ def objective(trial: optuna.Trial, spec: SweepSpec, parent_run_id: str, out_dir:
 
 
 def _worker(spec: SweepSpec, worker: int, n_trials: int, parent_run_id: str, out_dir: Path) -> None:
+    from research.cli import quiet
+
+    quiet()  # a spawned worker starts from a fresh interpreter
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(spec, worker)
     study.optimize(lambda t: objective(t, spec, parent_run_id, out_dir), n_trials=n_trials,

@@ -37,8 +37,9 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial], spec: SweepSpec) -> Rows:
 def _save(axes: object, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig = np.atleast_1d(axes).ravel()[0].figure
-    fig.set_size_inches(max(fig.get_size_inches()[0], 7), max(fig.get_size_inches()[1], 4.2))
+    panels = np.atleast_1d(axes).ravel()
+    fig = panels[0].figure
+    fig.set_size_inches(max(fig.get_size_inches()[0], 7, 4 * len(panels)), max(fig.get_size_inches()[1], 4.2))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
