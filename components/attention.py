@@ -200,8 +200,7 @@ def build_mha(
     head_dim: int | None = None,
     rope_theta: float = 10000.0,
 ) -> GroupedQueryAttention:
-    head_dim = _check_heads(n_heads, d_model, head_dim)
-    return GroupedQueryAttention(d_model, n_heads, n_heads, head_dim, rope_theta, linear)
+    return build_gqa(d_model, linear, n_heads, n_heads, head_dim, rope_theta)  # MHA = GQA with all kv heads
 
 
 @ATTENTION.register("gqa")

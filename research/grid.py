@@ -146,7 +146,7 @@ def run_grid(name: str, overrides: list[str], jobs: int = 1, gpus: list[str] | N
                     proc.log_file.close()
                     job.status = "done" if proc.returncode == 0 else "failed"
                     if proc.returncode != 0:
-                        _close_orphan_run(cfg.tracking.uri, job_dir, proc.returncode)
+                        _close_orphan_run(cfg.tracking.uri, cfg.tracking.experiment, job_dir, proc.returncode)
                     del running[slot]
                     progress.advance(task)
             done = sum(j.status == "done" for j in todo)
@@ -184,13 +184,13 @@ def _last_error(log: Path) -> str:
     return (flagged or lines or ["no output"])[-1]
 
 
-def _close_orphan_run(uri: str, job_dir: Path, returncode: int) -> None:
+def _close_orphan_run(uri: str, experiment: str, job_dir: Path, returncode: int) -> None:
     """A run killed hard (signal, OOM) cannot mark itself FAILED: do it for it."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    for exp in client.search_experiments():
-        for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'"):
-            if Path(run.data.tags.get("run_dir", "")) == job_dir.resolve():
-                client.set_tag(run.info.run_id, "failure_reason", f"process exited with code {returncode}")
-                client.set_terminated(run.info.run_id, "FAILED")
+    exp = client.get_experiment_by_name(experiment)
+    query = f"attributes.status = 'RUNNING' and tags.run_dir = '{job_dir.resolve()}'"
+    for run in client.search_runs([exp.experiment_id], query) if exp else []:
+        client.set_tag(run.info.run_id, "failure_reason", f"process exited with code {returncode}")
+        client.set_terminated(run.info.run_id, "FAILED")

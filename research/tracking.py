@@ -102,8 +102,7 @@ def make_logger(
 ) -> MLFlowLogger:
     """The run's logger: a new MLflow run, or ``run_id`` continued after a resume. ``overrides``
     are the command-line overrides that made this run (tagged, their keys as ``swept_keys``)."""
-    t = cfg.tracking
-    ensure_experiment(t.uri, t.experiment)
+    t = cfg.tracking  # the store and experiment exist: train() checked them before anything else
     grid = cfg.get("grid") or {}
     arm = grid.get("arm") or " ".join(o for o in overrides if o.split("=", 1)[0] not in ("seed", "ablations"))
     tags = {

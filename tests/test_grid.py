@@ -192,3 +192,21 @@ def test_welch_interval():
     assert (d.ci_low, d.ci_high) == pytest.approx((d.delta - half, d.delta + half))
     assert d.p_value == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
     assert math.isnan(welch([1.0], [2.0, 3.0]).ci_low)
+
+
+def test_a_run_killed_hard_is_closed_as_failed(tmp_path):
+    from research.grid import _close_orphan_run
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("killed")
+    job_dir = tmp_path / "multirun" / "0"
+    job_dir.mkdir(parents=True)
+    orphan = client.create_run(exp, tags={"run_dir": str(job_dir.resolve())})
+    neighbour = client.create_run(exp, tags={"run_dir": str(tmp_path / "multirun" / "1")})
+    _close_orphan_run(uri, "killed", job_dir, -9)
+    closed = client.get_run(orphan.info.run_id)
+    assert (
+        closed.info.status == "FAILED" and closed.data.tags["failure_reason"] == "process exited with code -9"
+    )
+    assert client.get_run(neighbour.info.run_id).info.status == "RUNNING"
