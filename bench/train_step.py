@@ -24,6 +24,7 @@ from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor
 from research.config import model_config, precision_of
 from research.data import LMDataModule
 from research.module import LitLM
+from research.strategies import make_strategy
 
 ARMS = {
     "mha + dense": ["attention=mha", "ffn=dense", "balance=none"],
@@ -33,6 +34,8 @@ BASE = ["model=base", "precision=bf16", "data.seq_len=2048", "data.batch_size=8"
 
 
 def run_arm(overrides: list[str], steps: int) -> dict[str, float]:
+    """Train ``steps`` steps of BASE + ``overrides`` (``trainer=ddp trainer.devices=2`` for several
+    GPUs: Lightning starts the other ranks by running this command again); rank 0's metrics."""
     with initialize_config_module("research.conf", version_base="1.3"):
         cfg = compose("train", overrides=[*BASE, *overrides, f"trainer.max_steps={steps}"])
     L.seed_everything(cfg.seed, verbose=False)
@@ -44,7 +47,9 @@ def run_arm(overrides: list[str], steps: int) -> dict[str, float]:
         callbacks = [PerfMonitor(5, cfg.data.seq_len), MoEMonitor(), DivergenceGuard()]
         trainer = L.Trainer(
             accelerator="gpu",
-            devices=1,
+            strategy=make_strategy(cfg.trainer),
+            devices=cfg.trainer.devices,
+            use_distributed_sampler=False,  # LMDataModule shards the global batch itself
             precision=precision_of(cfg),
             max_steps=steps,
             val_check_interval=steps,
@@ -60,6 +65,7 @@ def run_arm(overrides: list[str], steps: int) -> dict[str, float]:
         )
         trainer.fit(module, datamodule=data)
     out = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    out["world_size"] = trainer.world_size
     out["params_M"] = module.model.num_params() / 1e6
     out["active_M"] = module.model.num_active_params() / 1e6
     return out

@@ -61,8 +61,9 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class PerfMonitor(L.Callback):
-    """``perf/step_ms`` per step, and ``perf/tokens_per_s`` and ``perf/mfu`` averaged over every
-    step after ``warmup_steps`` (compilation and allocator warm-up excluded), plus peak memory."""
+    """``perf/step_ms`` per step, and ``perf/tokens_per_s`` (the job's and per GPU) and ``perf/mfu``
+    averaged over every step after ``warmup_steps`` (compilation and allocator warm-up excluded), plus
+    peak memory per GPU (the largest rank's) and for the whole job."""
 
     def __init__(self, warmup_steps: int, seq_len: int):
         self.warmup_steps, self.seq_len = warmup_steps, seq_len
@@ -79,20 +80,27 @@ class PerfMonitor(L.Callback):
         if last is None or trainer.global_step <= self.warmup_steps:
             return
         step_s = now - last
-        self._tokens += batch[:, 1:].numel() * trainer.world_size
+        self._tokens += batch[:, 1:].numel() * trainer.world_size  # ranks step in lockstep
         self._seconds += step_s
         tokens_per_s = self._tokens / self._seconds
         values = {
             M.STEP_MS: 1000 * step_s,
             M.TOKENS_PER_S: tokens_per_s,
-            M.PEAK_MEM_GIB: peak_memory_gib(pl_module.device),
+            M.TOKENS_PER_S_PER_GPU: tokens_per_s / trainer.world_size,
         }
+        mem = torch.tensor([peak_memory_gib(pl_module.device)] * 2, device=pl_module.device)
+        if trainer.world_size > 1:  # one small all-reduce per step; the step already synchronised
+            mem = torch.cat([trainer.strategy.reduce(mem[:1], reduce_op="max"),
+                             trainer.strategy.reduce(mem[1:], reduce_op="sum")])  # fmt: skip
+        values[M.PEAK_MEM_GIB], values[M.PEAK_MEM_GIB_JOB] = mem.tolist()
         peak = device_peak_flops(pl_module.device)
         if peak:
-            values[M.MFU] = (
-                pl_module.model.flops_per_token(self.seq_len) * tokens_per_s / (peak * trainer.world_size)
-            )
+            values[M.MFU] = self._flops_per_token * tokens_per_s / (peak * trainer.world_size)
         pl_module.log_dict(values)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Counted on the whole model, before a sharding strategy splits its parameters.
+        self._flops_per_token = pl_module.model.flops_per_token(self.seq_len)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reset_peak_memory(pl_module.device)

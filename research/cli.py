@@ -1,18 +1,22 @@
 """``lab``: the command line.
 
 lab train [OVERRIDES]                 train one config (Hydra: -m for a multirun, --help, --cfg job)
-lab grid NAME [OVERRIDES] [--jobs N] [--gpus 0,1,..]
-                                      run the grid ablations/NAME.yaml, then compare its arms
+lab grid NAME [OVERRIDES] [--jobs N] [--gpus 0,1,..] [--wait]
+                                      run the grid ablations/NAME.yaml, then compare its arms;
+                                      cluster=PROFILE sends it to Slurm as a job array
 lab compare NAME [NAME..] [--where KEY=VALUE] [--baseline ARM] [--out DIR] [--uri URI]
                                       table, plots and report of grids already run
-lab sweep NAME [OVERRIDES] [--workers N] [--trials N] [--storage URL]
-                                      run (or resume) the Optuna study sweeps/NAME.yaml
+lab sweep NAME [OVERRIDES] [--workers N] [--trials N] [--storage URL] [--wait]
+                                      run (or resume) the Optuna study sweeps/NAME.yaml;
+                                      cluster=PROFILE sends the workers to Slurm
+lab status NAME [--uri URI]           Slurm state, MLflow run and logs of each job of a grid or sweep
 lab grid --list | lab sweep --list    what there is
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -60,6 +64,8 @@ def precheck(overrides: list[str]) -> str | None:
     from research.config import model_config, precision_of
     from research.grid import searchpath_override
     from research.model import Transformer
+    from research.slurm import launcher
+    from research.strategies import make_strategy
 
     job_overrides = []
     try:
@@ -75,6 +81,8 @@ def precheck(overrides: list[str]) -> str | None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=[searchpath_override(), *job_overrides])
         precision_of(cfg)
+        make_strategy(cfg.trainer)
+        launcher(cfg)
         with torch.device("meta"):
             Transformer(model_config(cfg, vocab_size=256))
     except Exception as e:  # Hydra's errors span lines; the user gets the gist in one
@@ -120,7 +128,8 @@ def _train(rest: list[str]) -> None:
     flags, overrides = split_flags(rest)
     if not any(f.split("=")[0] in INSPECT_FLAGS for f in flags):
         fail_if(precheck(overrides))
-    sys.argv = [f"{Path(sys.argv[0]).name} train", *flags, *overrides, searchpath_override()]
+    # argv[0] stays the real program: Lightning's DDP launcher re-runs it for the other ranks.
+    sys.argv = [sys.argv[0], *flags, *overrides, searchpath_override()]
     train_app()
 
 
@@ -135,6 +144,8 @@ def _grid(rest: list[str]) -> None:
     parser.add_argument("name", nargs="?", help="the grid: ablations/NAME.yaml")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU); default 1")
     parser.add_argument("--gpus", default=None, help="comma-separated GPU ids: one run per GPU, pinned")
+    parser.add_argument("--wait", action="store_true",
+                        help="on Slurm (cluster=PROFILE): wait for the job array, then compare")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the grids and exit")
     args, overrides = parser.parse_known_args(rest)
     if args.list or not args.name:
@@ -148,10 +159,14 @@ def _grid(rest: list[str]) -> None:
     fail_if(precheck(first.overrides))
     gpus = args.gpus.split(",") if args.gpus else None
     try:
-        grid.run_grid(args.name, overrides, jobs=args.jobs, gpus=gpus)
-        from research.compare import compare
+        from research.slurm import launcher
 
-        compare([cfg.ablation], uri=cfg.tracking.uri)
+        local = launcher(cfg) == "local"
+        grid.run_grid(args.name, overrides, jobs=args.jobs, gpus=gpus, wait=args.wait)
+        if local or args.wait:
+            from research.compare import compare
+
+            compare([cfg.ablation], uri=cfg.tracking.uri)
     except USER_ERRORS as e:
         fail_if(one_line(e))
 
@@ -190,6 +205,8 @@ def _sweep(rest: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the study's storage")
     parser.add_argument("--trials", type=int, help="the budget (default: the file's budget.n_trials)")
     parser.add_argument("--storage", help="sqlite:///F.db, postgresql://..., or journal:PATH")
+    parser.add_argument("--wait", action="store_true",
+                        help="on Slurm (cluster=PROFILE): wait for the workers, then report")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the studies and exit")
     args, overrides = parser.parse_known_args(rest)
     if args.list or not args.name:
@@ -202,7 +219,22 @@ def _sweep(rest: list[str]) -> None:
     fail_if(precheck(spec.overrides))
     fail_if(None if args.workers >= 1 else f"--workers={args.workers} is not allowed; allowed: 1 or more")
     try:
-        sweep.run_sweep(spec, workers=args.workers)
+        sweep.run_sweep(spec, workers=args.workers, wait=args.wait)
+    except USER_ERRORS as e:
+        fail_if(one_line(e))
+
+
+def _status(rest: list[str]) -> None:
+    import argparse
+
+    from research.slurm import print_status
+
+    parser = argparse.ArgumentParser(prog="lab status", description="Slurm jobs of a grid or sweep.")
+    parser.add_argument("name", help="the grid's ablation name or the sweep's study name")
+    parser.add_argument("--uri", default="sqlite:///mlruns.db", help="MLflow tracking URI")
+    args = parser.parse_args(rest)
+    try:
+        print_status(args.name, args.uri)
     except USER_ERRORS as e:
         fail_if(one_line(e))
 
@@ -219,9 +251,13 @@ def quiet() -> None:
     warnings.filterwarnings(
         "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
     )  # Lightning vs torch 2.13
+    # Validation sums are all-reduced before they are logged (LitLM, MoEMonitor): no sync_dist needed.
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting")
+    # Slurm's client tools being installed does not mean this run is meant to be a Slurm job.
+    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system")
 
 
-COMMANDS = {"train": _train, "grid": _grid, "compare": _compare, "sweep": _sweep}
+COMMANDS = {"train": _train, "grid": _grid, "compare": _compare, "sweep": _sweep, "status": _status}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
+    if command not in COMMANDS and "LOCAL_RANK" in os.environ:
+        command, rest = "train", argv  # a rank started by Lightning's DDP launcher: `lab train` minus "train"
     if command not in COMMANDS:
         fail_if(f"unknown command '{command}'; commands: {', '.join(COMMANDS)}")
     quiet()

@@ -271,20 +271,26 @@ def tokenize_corpus(data_cfg: Any, log: Callable[[str], None] = print) -> Tokeni
 
 class RandomWindows(IterableDataset):
     """Endless training batches [B, T+1]; batch ``s`` depends only on (seed, s), so a run resumed
-    at step k sees exactly the batches k, k+1, ... that an uninterrupted run would."""
+    at step k sees exactly the batches k, k+1, ... that an uninterrupted run would. ``batch_size``
+    is the global batch: rank r of ``world`` takes rows [r*B/world, (r+1)*B/world), so the ranks
+    together see what one process would, whatever the number of GPUs."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, start_step: int = 0):
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world: int = 1):  # fmt: skip
         require(
             len(tokens) > seq_len + 1, "data.seq_len", seq_len, f"less than the {len(tokens)} training tokens"
         )
+        require(batch_size % world == 0, "data.batch_size", batch_size,
+                f"a multiple of the {world} processes (it is the global batch)")  # fmt: skip
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.start_step = seed, start_step
+        self.rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         step = self.start_step
         while True:
             rng = np.random.default_rng((self.seed, step))
-            starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+            starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)[self.rows]
             yield torch.from_numpy(
                 np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
             )
@@ -315,12 +321,20 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Read the restored step here: Lightning builds the loaders after loading a checkpoint.
-        start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
+        t = self.trainer
+        start = t.global_step * t.accumulate_grad_batches if t else 0
+        rank, world = (t.global_rank, t.world_size) if t else (0, 1)
         c = self.prepare()
-        windows = RandomWindows(c.tokens["train"], self.cfg.seq_len, self.cfg.batch_size, self.seed, start)
+        windows = RandomWindows(c.tokens["train"], self.cfg.seq_len, self.cfg.batch_size, self.seed, start,
+                                rank, world)  # fmt: skip
         return DataLoader(windows, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         c = self.prepare()
         batches = eval_windows(c.tokens["val"], self.cfg.seq_len, self.cfg.batch_size, self.cfg.val_tokens)
+        t = self.trainer
+        if t and t.world_size > 1:  # each rank its share; the sums are all-reduced (LitLM)
+            require(len(batches) >= t.world_size, "data.val_tokens", self.cfg.val_tokens,
+                    f"enough for one batch on each of the {t.world_size} processes")  # fmt: skip
+            batches = batches[t.global_rank :: t.world_size]
         return DataLoader(batches, batch_size=None)

@@ -10,8 +10,10 @@ A grid file is a Hydra config (group ``ablations``, package ``_global_``) with a
 
 Each (arm, seed) runs as its own ``lab train`` process: a crash, an out-of-memory kill or a NaN
 in one run never stops the others, each run's peak memory is its own, and on a multi-GPU host each
-process is pinned to one GPU. Runs whose config hash already FINISHED in the grid's experiment are
-skipped, so re-launching a grid only runs what is missing or failed.
+process is pinned to one GPU. With a Slurm profile (``cluster=slurm_h100``) the same runs go out as
+one job array instead (``research.slurm``). Runs whose config hash already FINISHED in the grid's
+experiment are skipped, and one that was cut short (killed, timed out) continues from its last
+checkpoint into its MLflow run, so re-launching a grid only runs what is missing.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Job:
     seed: int
     overrides: list[str] = field(default_factory=list)  # everything passed to `lab train`
     status: str = "pending"  # pending | skipped | done | failed
+    run_dir: Path | None = None  # set at launch; an unfinished run's own folder when it resumes
 
 
 def arms(cfg: DictConfig) -> dict[str, list[str]]:
@@ -101,36 +104,89 @@ def job_hash(job: Job) -> str:
     return tracking.config_hash(cfg)
 
 
-def _finished_hashes(uri: str, experiment: str) -> set[str]:
+def _previous_runs(uri: str, experiment: str) -> tuple[set[str], dict[str, Path]]:
+    """Config hashes that FINISHED, and the folders of runs that did not but left a checkpoint."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     exp_id = tracking.ensure_experiment(uri, experiment)  # create store + experiment before any job
-    runs = client.search_runs([exp_id], "attributes.status = 'FINISHED'", max_results=50_000)
-    return {r.data.tags.get("config_hash") for r in runs}
+    finished, unfinished = set(), {}
+    for r in client.search_runs([exp_id], max_results=50_000, order_by=["attributes.start_time ASC"]):
+        h, run_dir = r.data.tags.get("config_hash"), Path(r.data.tags.get("run_dir", "-"))
+        if r.info.status == "FINISHED":
+            finished.add(h)
+        elif any((run_dir / "checkpoints").glob("*.ckpt")):
+            unfinished[h] = run_dir
+    return finished, unfinished
 
 
-def run_grid(name: str, overrides: list[str], jobs: int = 1, gpus: list[str] | None = None) -> Path:
-    """Launch a grid; return its folder (one sub-folder per run with its log and checkpoints)."""
+def run_grid(
+    name: str, overrides: list[str], jobs: int = 1, gpus: list[str] | None = None, wait: bool = True
+) -> Path:
+    """Launch a grid; return its folder (one sub-folder per run with its log and checkpoints).
+    On Slurm, ``wait=False`` returns once the job array is submitted."""
+    from research import slurm
+
     cfg = compose_grid(name, overrides)
+    on_slurm = slurm.launcher(cfg) == "slurm"
+    if on_slurm:  # every run must fit the allocation: one device per task, every node
+        overrides = [*overrides, *slurm.run_overrides(cfg.cluster)]
     grid_jobs = expand(name, cfg, overrides)
-    finished = _finished_hashes(cfg.tracking.uri, cfg.tracking.experiment)
+    finished, unfinished = _previous_runs(cfg.tracking.uri, cfg.tracking.experiment)
+    grid_dir = Path("multirun") / cfg.ablation / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     for job in grid_jobs:
-        if job_hash(job) in finished:
-            job.status = "skipped"
+        h = job_hash(job)
+        job.status = "skipped" if h in finished else "pending"
+        job.run_dir = unfinished.get(h, grid_dir / str(job.index))
     todo = [j for j in grid_jobs if j.status == "pending"]
     if todo:  # tokenize once here rather than in every run at once
         from research.data import tokenize_corpus
 
         tokenize_corpus(cfg.data)
-    grid_dir = Path("multirun") / cfg.ablation / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    print(
-        f"grid '{name}': {len(grid_jobs)} runs, {len(grid_jobs) - len(todo)} already finished -> {grid_dir}"
-    )
+    resumed = sum(j.run_dir != grid_dir / str(j.index) for j in todo)
+    print(f"grid '{name}': {len(grid_jobs)} runs, {len(grid_jobs) - len(todo)} already finished, "
+          f"{resumed} resuming from a checkpoint -> {grid_dir}")  # fmt: skip
+    if on_slurm:
+        _submit(cfg, name, todo, grid_dir, wait)
+    else:
+        _run_locally(name, cfg, todo, grid_dir, jobs, gpus)
+    return grid_dir
 
+
+def _submit(cfg: DictConfig, name: str, todo: list[Job], grid_dir: Path, wait: bool) -> None:
+    from research import slurm
+
+    if not todo:
+        return
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    executor = slurm.make_executor(cfg.cluster, grid_dir / "slurm", f"lab-{cfg.ablation}",
+                                   cfg.trainer.requeue_signal)  # fmt: skip
+    positions = [str(i) for i in range(len(todo))]
+    array = executor.map_array(
+        slurm.run_grid_job,
+        [[*j.overrides, "trainer.progress_bar=false"] for j in todo],
+        [str(j.run_dir.resolve()) for j in todo],
+    )
+    submitted = [
+        slurm.Submitted(int(p), f"{j.arm} seed={j.seed}", a.job_id, str(j.run_dir), str(a.paths.stdout))
+        for p, j, a in zip(positions, todo, array, strict=True)
+    ]
+    record = slurm.write_record(grid_dir, "grid", cfg.ablation, cfg.cluster.name, submitted)
+    print(f"submitted job array {array[0].job_id.split('_')[0]} ({len(todo)} runs, "
+          f"{cfg.cluster.array_parallelism} at a time) on '{cfg.cluster.name}'; record {record}; "
+          f"see `lab status {cfg.ablation}`")  # fmt: skip
+    if wait:
+        states = slurm.wait([s.job_id for s in submitted])
+        for s in submitted:
+            if states.get(s.job_id) != "COMPLETED":
+                print(f"failed: {s.label}: Slurm state {states.get(s.job_id)} (log: {s.log})")
+
+
+def _run_locally(name: str, cfg: DictConfig, todo: list[Job], grid_dir: Path, jobs: int,
+                 gpus: list[str] | None) -> None:  # fmt: skip
     slots = gpus or [None] * max(1, jobs)
     threads = max(1, (os.cpu_count() or 1) // len(slots))
-    running: dict[int, tuple[subprocess.Popen, Job, Path]] = {}  # slot -> (process, job, folder)
+    running: dict[int, tuple[subprocess.Popen, Job]] = {}  # slot -> (process, job)
     queue = list(todo)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[counts]}"), TimeElapsedColumn()) as progress:  # fmt: skip
@@ -139,14 +195,15 @@ def run_grid(name: str, overrides: list[str], jobs: int = 1, gpus: list[str] | N
             for slot in range(len(slots)):
                 if slot not in running and queue:
                     job = queue.pop(0)
-                    proc, job_dir = _launch(job, grid_dir, slots[slot], threads)
-                    running[slot] = (proc, job, job_dir)
-            for slot, (proc, job, job_dir) in list(running.items()):
+                    running[slot] = (_launch(job, slots[slot], threads), job)
+            for slot, (proc, job) in list(running.items()):
                 if proc.poll() is not None:
                     proc.log_file.close()
                     job.status = "done" if proc.returncode == 0 else "failed"
                     if proc.returncode != 0:
-                        _close_orphan_run(cfg.tracking.uri, cfg.tracking.experiment, job_dir, proc.returncode)
+                        _close_orphan_run(
+                            cfg.tracking.uri, cfg.tracking.experiment, job.run_dir, proc.returncode
+                        )
                     del running[slot]
                     progress.advance(task)
             done = sum(j.status == "done" for j in todo)
@@ -155,23 +212,21 @@ def run_grid(name: str, overrides: list[str], jobs: int = 1, gpus: list[str] | N
             time.sleep(0.2)
     for job in todo:
         if job.status == "failed":
-            log = grid_dir / str(job.index) / "log.txt"
+            log = job.run_dir / "log.txt"
             print(f"failed: {job.arm} seed={job.seed}: {_last_error(log)} (log: {log})")
-    return grid_dir
 
 
-def _launch(job: Job, grid_dir: Path, gpu: str | None, threads: int) -> tuple[subprocess.Popen, Path]:
-    job_dir = grid_dir / str(job.index)
-    job_dir.mkdir(parents=True, exist_ok=True)
+def _launch(job: Job, gpu: str | None, threads: int) -> subprocess.Popen:
+    job.run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    args = [sys.executable, "-m", "research.cli", "train", *job.overrides, f"hydra.run.dir={job_dir}",
+    args = [sys.executable, "-m", "research.cli", "train", *job.overrides, f"hydra.run.dir={job.run_dir}",
             "trainer.progress_bar=false"]  # fmt: skip
-    log = open(job_dir / "log.txt", "w")  # noqa: SIM115  (closed with the process)
+    log = open(job.run_dir / "log.txt", "a")  # noqa: SIM115  (closed with the process)
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     proc.log_file = log  # type: ignore[attr-defined]
-    return proc, job_dir
+    return proc
 
 
 def _last_error(log: Path) -> str:

@@ -6,15 +6,18 @@ TRAIN_MTP_LOSS = "train/mtp_loss"
 TRAIN_BALANCE_LOSS = "train/balance_loss"
 VAL_LOSS = "val/loss"
 VAL_BPB = "val/bpb"
-TOKENS_PER_S = "perf/tokens_per_s"
+TOKENS_PER_S = "perf/tokens_per_s"  # the whole job: every GPU together
+TOKENS_PER_S_PER_GPU = "perf/tokens_per_s_per_gpu"
 MFU = "perf/mfu"
 STEP_MS = "perf/step_ms"
-PEAK_MEM_GIB = "perf/peak_mem_gib"
+PEAK_MEM_GIB = "perf/peak_mem_gib"  # per GPU (or process): the largest over the ranks
+PEAK_MEM_GIB_JOB = "perf/peak_mem_gib_job"  # the sum over the ranks
 MAXVIO_BATCH = "moe/maxvio_batch"
 MAXVIO_GLOBAL = "moe/maxvio_global"
 KV_CACHE_BYTES_PER_TOKEN = "attn/kv_cache_bytes_per_token"
 
 ALL = (
-    TRAIN_LOSS, TRAIN_LM_LOSS, TRAIN_MTP_LOSS, TRAIN_BALANCE_LOSS, VAL_LOSS, VAL_BPB, TOKENS_PER_S, MFU,
-    STEP_MS, PEAK_MEM_GIB, MAXVIO_BATCH, MAXVIO_GLOBAL, KV_CACHE_BYTES_PER_TOKEN,
+    TRAIN_LOSS, TRAIN_LM_LOSS, TRAIN_MTP_LOSS, TRAIN_BALANCE_LOSS, VAL_LOSS, VAL_BPB, TOKENS_PER_S,
+    TOKENS_PER_S_PER_GPU, MFU, STEP_MS, PEAK_MEM_GIB, PEAK_MEM_GIB_JOB, MAXVIO_BATCH, MAXVIO_GLOBAL,
+    KV_CACHE_BYTES_PER_TOKEN,
 )  # fmt: skip

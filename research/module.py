@@ -7,7 +7,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
+from components.moe import GroupedExperts
 from research import metrics as M
 from research.model import ModelConfig, Transformer
 
@@ -20,11 +22,26 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _unwrapped(name: str) -> str:
+    """A parameter's name without the wrappers FSDP and torch.compile insert."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_orig_mod.", "")
+
+
 class LitLM(L.LightningModule):
     def __init__(self, model_cfg: ModelConfig, optim: dict[str, Any], token_bytes: torch.Tensor):
         super().__init__()
         self.model = Transformer(model_cfg)
         self.optim = dict(optim)
+        # Optimiser group of every parameter, decided here on the plain model: once FSDP shards it,
+        # shapes no longer tell a matrix from a norm. Routed experts get a group of their own
+        # (sharding strategies such as DeepSpeed's MoE path key on it); norms are not decayed.
+        experts = {
+            id(p) for m in self.model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
+        }
+        self.optim_group_of = {
+            name: "experts" if id(p) in experts else "dense" if p.dim() >= 2 else "no_decay"
+            for name, p in self.model.named_parameters()
+        }
         # bytes of text per token id, for bits per byte
         self.register_buffer(
             "token_bytes", torch.as_tensor(token_bytes, dtype=torch.float64), persistent=False
@@ -61,13 +78,24 @@ class LitLM(L.LightningModule):
         self.log(M.VAL_LOSS, nats / tokens, sync_dist=False)
         self.log(M.VAL_BPB, nats / math.log(2) / n_bytes, prog_bar=True, sync_dist=False)
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:  # fmt: skip
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP precision refuses to clip by norm; FSDP itself computes the norm over
+            # every shard.
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": o["weight_decay"]},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # norms: no decay
-        ]
+        named = [(_unwrapped(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [{"name": g, "params": [p for n, p in named if self.optim_group_of[n] == g],
+                   "weight_decay": 0.0 if g == "no_decay" else o["weight_decay"]}
+                  for g in ("dense", "experts", "no_decay")]  # fmt: skip
+        groups = [g for g in groups if g["params"]]
         # Not fused: Lightning refuses gradient clipping with a fused optimizer under mixed precision.
         # The default multi-tensor (foreach) kernels are used on GPU instead.
         opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])

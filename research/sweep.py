@@ -16,6 +16,7 @@ Pareto set) and the report.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,9 +25,11 @@ from typing import Any
 import lightning as L
 import optuna
 from omegaconf import OmegaConf
+from optuna.trial import TrialState
 
 from components.registry import require, spec_error
 from research import metrics as M
+from research import preemption, slurm
 from research.grid import REPO_ROOT, searchpath_override
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -255,6 +258,8 @@ def objective(trial: optuna.Trial, spec: SweepSpec, parent_run_id: str, out_dir:
 
     cfg, overrides = _trial_config(spec, sample(trial, spec.space))
     tags = {"mlflow.parentRunId": parent_run_id, "optuna.study": spec.name, "optuna.trial": str(trial.number)}
+    if preemption.on_slurm():
+        tags.update(slurm.slurm_tags())
     reporter = ReportToTrial(trial, spec.objectives[0][0])
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     try:
@@ -264,7 +269,8 @@ def objective(trial: optuna.Trial, spec: SweepSpec, parent_run_id: str, out_dir:
             trial.set_user_attr("mlflow_run_id", reporter.run_id)
             pruned = isinstance(e, optuna.TrialPruned)
             client.set_tag(reporter.run_id, "optuna.state", "PRUNED" if pruned else "FAIL")
-            if pruned:  # stopped on purpose: not a failure of the run
+            # Pruned: stopped on purpose, not a failure. Requeued: the worker restarts with new trials.
+            if pruned or isinstance(e, preemption.Requeued):
                 client.set_terminated(reporter.run_id, "KILLED")
         raise
     trial.set_user_attr("mlflow_run_id", result.run_id)
@@ -282,14 +288,26 @@ def _worker(spec: SweepSpec, worker: int, n_trials: int, parent_run_id: str, out
     quiet()  # a spawned worker starts from a fresh interpreter
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(spec, worker)
+    # A worker requeued by Slurm starts over with its quota: the study's budget is the bound.
+    enough = optuna.study.MaxTrialsCallback(spec.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
     study.optimize(lambda t: objective(t, spec, parent_run_id, out_dir), n_trials=n_trials,
-                   timeout=spec.timeout, catch=(Exception,))  # fmt: skip
+                   timeout=spec.timeout, catch=(Exception,), callbacks=[enough])  # fmt: skip
+
+
+def _slurm_worker(spec: SweepSpec, worker: int, n_trials: int, parent_run_id: str, out_dir: Path) -> None:
+    """A sweep worker as a Slurm array task."""
+    cfg, _ = _trial_config(spec, [])
+    preemption.install(cfg.trainer.requeue_signal)
+    try:
+        _worker(spec, worker, n_trials, parent_run_id, out_dir)
+    except preemption.Requeued:
+        os._exit(0)  # Slurm starts the worker again; submitit must not record this attempt
 
 
 def _fail_stale(study: optuna.Study) -> None:
     """Trials left RUNNING by a sweep that was stopped: FAIL, so the budget runs them again."""
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
 def _parent_run(spec: SweepSpec, uri: str) -> str:
@@ -310,16 +328,42 @@ def _parent_run(spec: SweepSpec, uri: str) -> str:
     return run.info.run_id
 
 
-def run_sweep(spec: SweepSpec, workers: int = 1) -> optuna.Study:
-    """Create or resume the study, run its remaining budget on ``workers`` processes, report."""
+def _submit_workers(spec: SweepSpec, cfg: Any, quotas: list[int], parent: str, out_dir: Path,
+                    wait: bool) -> bool:  # fmt: skip
+    """Send the workers to Slurm as one job array; True once they ended (``wait``)."""
+    quotas = [q for q in quotas if q]
+    if not quotas:
+        return True
+    folder = out_dir / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    executor = slurm.make_executor(cfg.cluster, folder / "slurm", f"lab-sweep-{spec.name}",
+                                   cfg.trainer.requeue_signal)  # fmt: skip
+    n = len(quotas)
+    jobs = executor.map_array(_slurm_worker, [spec] * n, list(range(n)), quotas, [parent] * n, [out_dir] * n)
+    submitted = [
+        slurm.Submitted(i, f"worker {i}: {q} trials", job.job_id, str(out_dir), str(job.paths.stdout))
+        for i, (q, job) in enumerate(zip(quotas, jobs, strict=True))
+    ]
+    record = slurm.write_record(folder, "sweep", spec.name, cfg.cluster.name, submitted)
+    print(f"submitted {n} worker(s) on '{cfg.cluster.name}'; record {record}; see `lab status {spec.name}`")
+    if not wait:
+        print(f"when they are done, `lab sweep {spec.name}` again writes the report")
+        return False
+    slurm.wait([s.job_id for s in submitted])
+    return True
+
+
+def run_sweep(spec: SweepSpec, workers: int = 1, wait: bool = True) -> optuna.Study:
+    """Create or resume the study, run its remaining budget on ``workers`` processes (or Slurm
+    jobs, with a Slurm ``cluster`` profile), report."""
     cfg, _ = _trial_config(spec, [])
+    if slurm.launcher(cfg) == "slurm":
+        require(not spec.storage.startswith("sqlite"), "storage", spec.storage,
+                "postgresql://... or journal:PATH on a shared folder for Slurm workers (SQLite on a "
+                "network filesystem locks up or corrupts under several writers)")  # fmt: skip
     study = open_study(spec)
     _fail_stale(study)
-    done = len(
-        study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        )
-    )
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     if not study.trials:
         for params in spec.enqueue:
             study.enqueue_trial(params)
@@ -329,7 +373,10 @@ def run_sweep(spec: SweepSpec, workers: int = 1) -> optuna.Study:
     print(f"sweep '{spec.name}': {done} of {spec.n_trials} trials done, {remaining} to run on "
           f"{workers} worker(s) (storage {spec.storage}, MLflow experiment {spec.experiment})")  # fmt: skip
     quotas = [remaining // workers + (i < remaining % workers) for i in range(workers)]
-    if workers == 1:
+    if slurm.launcher(cfg) == "slurm":
+        if not _submit_workers(spec, cfg, quotas, parent, out_dir, wait):
+            return open_study(spec)
+    elif workers == 1:
         if remaining:
             _worker(spec, 0, remaining, parent, out_dir)
     else:

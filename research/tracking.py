@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from research.errors import TrackingError
 
 # Keys that change where or how a run is recorded, not what it computes.
-_NOT_HASHED = ("tracking", "resume", "ablation", "grid", "trainer.progress_bar", "data.cache_dir")
+_NOT_HASHED = ("tracking", "cluster", "resume", "ablation", "grid", "trainer.progress_bar",
+               "trainer.requeue_signal", "data.cache_dir")  # fmt: skip
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -124,8 +126,21 @@ def make_logger(
         config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         logger.experiment.log_artifact(logger.run_id, str(config_file))
     else:
-        logger.experiment.update_run(run_id, status="RUNNING")
+        _reopen(logger.experiment, run_id, extra_tags or {})
     return logger
+
+
+@rank_zero_only
+def _reopen(client: Any, run_id: str, extra_tags: dict[str, str]) -> None:
+    """A resumed run: RUNNING again, its resumes counted, an earlier failure reason dropped, and
+    where it runs now (e.g. a new Slurm job) tagged."""
+    tags = client.get_run(run_id).data.tags
+    for key, value in extra_tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_tag(run_id, "resumes", str(int(tags.get("resumes", 0)) + 1))
+    if "failure_reason" in tags:
+        client.delete_tag(run_id, "failure_reason")
+    client.update_run(run_id, status="RUNNING")
 
 
 def log_expert_loads(logger: MLFlowLogger, loads: list[list[float]]) -> None:

@@ -16,11 +16,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from omegaconf import DictConfig, OmegaConf
 
 from components.registry import require
-from research import tracking
+from research import preemption, tracking
 from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor, StaticMetrics
 from research.config import model_config, precision_of
 from research.data import LMDataModule
 from research.module import LitLM
+from research.strategies import cluster_plugins, make_strategy
 
 
 class CheckpointError(ValueError):
@@ -51,13 +52,15 @@ def find_checkpoint(resume: str) -> Resume:
 
 
 class RecordRunId(L.Callback):
-    """Puts the MLflow run id into every checkpoint, so a resume continues the same run."""
+    """Puts the MLflow run id into every checkpoint, so a resume continues the same run, and the
+    config hash, so an automatic resume only ever picks up a checkpoint of the same config."""
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def __init__(self, run_id: str, config_hash: str):
+        self.run_id, self.config_hash = run_id, config_hash
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["mlflow_run_id"] = self.run_id
+        checkpoint["config_hash"] = self.config_hash
 
 
 @dataclass
@@ -74,8 +77,13 @@ def train(
     callbacks: list[L.Callback] | None = None,
 ) -> TrainResult:
     """Train one configuration. ``tags`` go on the MLflow run (e.g. a parent run id), ``callbacks``
-    join the standard ones (e.g. a pruner's). Raises before training on bad input."""
-    resume = find_checkpoint(cfg.resume) if cfg.get("resume") else None
+    join the standard ones (e.g. a pruner's). Raises before training on bad input.
+
+    Without ``resume``, a checkpoint of this same config already in ``run_dir`` (a requeued Slurm
+    job, a grid re-launched after a hard kill) is resumed into its MLflow run."""
+    config_hash = tracking.config_hash(cfg)
+    latest = None if cfg.get("resume") else preemption.find_latest(run_dir, config_hash)
+    resume = find_checkpoint(cfg.resume or str(latest)) if (cfg.get("resume") or latest) else None
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = precision_of(cfg)
     tracking.ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)  # a dead store fails here
@@ -95,7 +103,7 @@ def train(
         ModelCheckpoint(
             dirpath=ckpt_dir, every_n_train_steps=t.checkpoint_every, save_last=True, save_top_k=0
         ),
-        RecordRunId(logger.run_id),
+        RecordRunId(logger.run_id, config_hash),
         PerfMonitor(t.perf_warmup_steps, cfg.data.seq_len),
         moe_monitor,
         StaticMetrics(),
@@ -104,9 +112,15 @@ def train(
     ]
     if t.progress_bar:
         callbacks.append(RichProgressBar())
+    if preemption.on_slurm():
+        callbacks.append(preemption.RequeueOnSignal(ckpt_dir, t.requeue_signal))
     trainer = L.Trainer(
         accelerator=t.accelerator,
+        strategy=make_strategy(t),
         devices=t.devices,
+        num_nodes=t.num_nodes,
+        plugins=cluster_plugins(),
+        use_distributed_sampler=False,  # LMDataModule gives each rank its share itself
         precision=precision,
         max_steps=t.max_steps,
         val_check_interval=t.val_every,
@@ -128,6 +142,8 @@ def train(
             logger.finalize("success")
         if moe_monitor.global_loads is not None:
             tracking.log_expert_loads(logger, moe_monitor.global_loads.tolist())
+    except preemption.Requeued:
+        raise  # the run is SCHEDULED, not failed: it continues when the job starts again
     except BaseException as e:
         tracking.mark_failed(logger, f"{type(e).__name__}: {' '.join(str(e).split())}")
         raise

@@ -7,8 +7,8 @@ import pytest
 from research import metrics as M
 from tests.cli_helpers import TINY, error_line, history, lab, runs
 
-ALWAYS = {M.TRAIN_LOSS, M.TRAIN_LM_LOSS, M.VAL_LOSS, M.VAL_BPB, M.TOKENS_PER_S, M.STEP_MS, M.PEAK_MEM_GIB,
-          M.KV_CACHE_BYTES_PER_TOKEN}  # fmt: skip
+ALWAYS = {M.TRAIN_LOSS, M.TRAIN_LM_LOSS, M.VAL_LOSS, M.VAL_BPB, M.TOKENS_PER_S, M.TOKENS_PER_S_PER_GPU,
+          M.STEP_MS, M.PEAK_MEM_GIB, M.PEAK_MEM_GIB_JOB, M.KV_CACHE_BYTES_PER_TOKEN}  # fmt: skip
 BALANCE_WITH_LOSS = {"aux_loss", "seq_aux", "aux_free+seq_aux"}
 
 # One multirun per axis; the other axes sit where most metrics apply (MoE, a balance loss, MTP).

@@ -1,0 +1,218 @@
+"""The cluster path against a real Slurm (cluster/slurm.sh; .ci/run starts one): grids as job arrays,
+time limits survived by checkpoint + requeue + resume, sweep workers as jobs; and without Slurm:
+multi-process DDP, resuming after a hard kill, profiles and strategies."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from research import metrics as M
+from research.compare import REPORT_TAG
+from research.data import RandomWindows
+from research.slurm import run_overrides, sbatch_options
+from research.strategies import make_strategy
+from tests.cli_helpers import TINY, error_line, history, lab, run_lab, runs
+from tests.test_grid import write_grid
+from tests.test_sweep import trials, write_sweep
+
+
+def slurm_running() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if not slurm_running():
+        reason = "needs a running Slurm: cluster/slurm.sh start, then export SLURM_CONF (.ci/run does both)"
+        if os.environ.get("LAB_REQUIRE_SLURM"):
+            pytest.fail(reason)  # CI must not skip these silently
+        pytest.skip(reason)
+
+
+def grid_runs(cwd, name):
+    return [r for r in runs(cwd, name) if REPORT_TAG not in r.data.tags]
+
+
+def newest_record(cwd, folder, name):
+    (record,) = sorted((cwd / folder / name).glob("*/jobs.json"))[-1:]
+    return json.loads(record.read_text())
+
+
+# --- on Slurm ----------------------------------------------------------------------------------
+
+
+def test_grid_runs_as_a_job_array_and_lands_in_mlflow_with_job_ids(tmp_path, shared_cache, slurm):
+    write_grid(tmp_path, "sgrid", "params: {attention: [mha, mla]}\nseeds: [0]")
+    proc = run_lab(tmp_path, "grid", "sgrid", "cluster=slurm_local", "--wait")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = newest_record(tmp_path, "multirun", "sgrid")
+    job_ids = {j["job_id"] for j in record["jobs"]}
+    array = {j.split("_")[0] for j in job_ids}
+    assert len(job_ids) == 2 and len(array) == 1  # one array, two tasks
+    recorded = grid_runs(tmp_path, "sgrid")
+    assert {r.info.status for r in recorded} == {"FINISHED"}
+    assert {r.data.tags["slurm.job_id"] for r in recorded} == job_ids
+    assert {r.data.tags["arm"] for r in recorded} == {"attention=mha", "attention=mla"}
+    for job in record["jobs"]:  # each run's folder links its own Slurm log
+        assert (
+            "Epoch" in (tmp_path / job["run_dir"] / "slurm.err").read_text()
+            or (tmp_path / job["run_dir"] / "slurm.out").exists()
+        )
+    status = run_lab(tmp_path, "status", "sgrid")
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.count("COMPLETED") == 2 and status.stdout.count("FINISHED") == 2
+
+
+def test_time_limit_signals_checkpoints_requeues_and_resumes_into_one_run(tmp_path, shared_cache, slurm):
+    # ~20 s of training per minute-long allocation: Slurm's warning comes 30 s before the limit.
+    write_grid(tmp_path, "slong", "params: {attention: [mha]}\nseeds: [0]")
+    steps = ["data.batch_size=4", "trainer.max_steps=2000", "trainer.val_every=1000", "trainer.log_every=50",
+             "trainer.checkpoint_every=1000"]  # fmt: skip
+    proc = run_lab(tmp_path, "grid", "slong", *steps, "cluster=slurm_local", "cluster.time_min=1",
+                   "cluster.signal_delay_s=30", "--wait")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = grid_runs(tmp_path, "slong")  # one run, however many times the job started
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["resumes"]) >= 1 and int(run.data.tags["requeued_at_step"]) < 2000
+    logged = [step for step, _ in history(tmp_path, run.info.run_id, M.TRAIN_LOSS)]
+    assert logged == list(range(49, 2000, 50))  # every logged step exactly once: none lost, none repeated
+    assert [s for s, _ in history(tmp_path, run.info.run_id, M.VAL_LOSS)][-1] == 1999  # the last step
+    (job,) = newest_record(tmp_path, "multirun", "slong")["jobs"]
+    assert (tmp_path / job["run_dir"] / "checkpoints" / "preempt.ckpt").exists()
+    assert "DUE TO JOB REQUEUE" in (tmp_path / job["run_dir"] / "slurm.err").read_text()
+
+
+def test_sweep_workers_run_as_slurm_jobs_on_one_journal_storage(tmp_path, shared_cache, slurm):
+    write_sweep(tmp_path, "ssweep", sampler={"name": "random", "seed": 0}, budget={"n_trials": 4})
+    journal = tmp_path / "shared" / "study.journal"
+    journal.parent.mkdir()
+    proc = run_lab(tmp_path, "sweep", "ssweep", "cluster=slurm_local", "--workers", "2",
+                   "--storage", f"journal:{journal}", "--wait")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from research.sweep import make_storage
+
+    done = trials(make_storage(f"journal:{journal}"), "ssweep")
+    assert len(done) == 4 and {t.state.name for t in done} == {"COMPLETE"}
+    job_ids = {j["job_id"] for j in newest_record(tmp_path, "sweeps_out", "ssweep")["jobs"]}
+    children = [r for r in runs(tmp_path, "sweep_ssweep") if "optuna.trial" in r.data.tags]
+    assert len(children) == 4
+    assert {r.data.tags["slurm.job_id"] for r in children} == job_ids  # both workers took trials
+
+
+# --- without Slurm -----------------------------------------------------------------------------
+
+
+def test_sqlite_storage_is_refused_for_slurm_workers(tmp_path, shared_cache):
+    write_sweep(tmp_path, "nosqlite", budget={"n_trials": 2})
+    proc = run_lab(tmp_path, "sweep", "nosqlite", "cluster=slurm_local", "--storage", "sqlite:///o.db")
+    assert "storage='sqlite:///o.db' is not allowed" in error_line(proc)
+    assert "network filesystem" in error_line(proc)
+    assert not (tmp_path / "o.db").exists()  # refused before anything was written
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, shared_cache):
+    common = [*TINY, "data.batch_size=4", "data.val_tokens=512", "trainer.max_steps=6", "trainer.val_every=3",
+              "trainer.accelerator=cpu"]  # fmt: skip
+    one = lab(tmp_path, *common, "hydra.run.dir=out/one", "tracking.run_name=one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = lab(tmp_path, *common, "trainer=ddp", "trainer.devices=2", "hydra.run.dir=out/two",
+              "tracking.run_name=two")  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    by_name = {r.info.run_name: r for r in runs(tmp_path)}
+    assert set(by_name) == {"one", "two"}  # the second rank logged nothing of its own
+    val_one = history(tmp_path, by_name["one"].info.run_id, M.VAL_LOSS)
+    val_two = history(tmp_path, by_name["two"].info.run_id, M.VAL_LOSS)
+    assert [s for s, _ in val_one] == [s for s, _ in val_two] == [2, 5]  # after steps 3 and 6
+    for (_, a), (_, b) in zip(val_one, val_two, strict=True):
+        assert abs(a - b) <= 1e-4 * abs(a)  # fp32: only the all-reduce's summation order differs
+    m = by_name["two"].data.metrics
+    assert m[M.TOKENS_PER_S] == pytest.approx(2 * m[M.TOKENS_PER_S_PER_GPU])
+    assert m[M.PEAK_MEM_GIB_JOB] > m[M.PEAK_MEM_GIB] > 0  # two processes' memory vs the larger one
+    assert by_name["two"].data.params["trainer.strategy"] == "ddp"
+
+
+def test_a_hard_killed_grid_run_resumes_from_its_last_checkpoint_when_relaunched(tmp_path, shared_cache):
+    write_grid(tmp_path, "killed", "params: {attention: [mha]}\nseeds: [0]")
+    long = ["trainer.max_steps=400", "trainer.checkpoint_every=20", "trainer.val_every=200",
+            "trainer.log_every=10"]  # fmt: skip
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "research.cli", "grid", "killed", *long], cwd=tmp_path,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("multirun/killed/*/0/checkpoints/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)
+    os.killpg(first.pid, signal.SIGKILL)  # grid and run die at once: nobody marks the run
+    first.wait()
+    (killed,) = grid_runs(tmp_path, "killed")
+    assert killed.info.status == "RUNNING"
+    again = run_lab(tmp_path, "grid", "killed", *long)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "1 resuming from a checkpoint" in again.stdout
+    (run,) = grid_runs(tmp_path, "killed")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["resumes"] == "1"
+    logged = [step for step, _ in history(tmp_path, run.info.run_id, M.TRAIN_LOSS)]
+    assert sorted(set(logged)) == list(range(9, 400, 10))  # from the start to the end, none missing
+
+
+def test_ranks_take_disjoint_rows_that_make_up_the_one_process_batch():
+    tokens = torch.arange(10_000).numpy()
+    whole = next(iter(RandomWindows(tokens, 16, 8, seed=1, start_step=3)))
+    parts = [next(iter(RandomWindows(tokens, 16, 8, 1, 3, rank=r, world=4))) for r in range(4)]
+    assert torch.equal(torch.cat(parts), whole)
+    with pytest.raises(ValueError, match=r"data\.batch_size=6 is not allowed"):
+        RandomWindows(tokens, 16, 6, seed=1, world=4)
+
+
+def test_profiles_map_onto_the_allocation():
+    from hydra import compose, initialize_config_module
+
+    from research.grid import searchpath_override
+
+    with initialize_config_module("research.conf", version_base="1.3"):
+        h100 = compose("train", overrides=[searchpath_override(), "cluster=slurm_h100", "cluster.nodes=2"])
+        local = compose("train", overrides=[searchpath_override(), "cluster=slurm_local"])
+    gpu = ["trainer.accelerator=gpu", "trainer.devices=8", "trainer.num_nodes=2"]
+    assert run_overrides(h100.cluster) == gpu
+    assert run_overrides(local.cluster) == []  # CPU: one task, the run as configured
+    assert local.cluster.partition == "debug" and local.cluster.launcher == "slurm"
+    assert sbatch_options(["--exclusive", "--reservation=abl"]) == {"exclusive": True, "reservation": "abl"}
+    with pytest.raises(ValueError, match=r"cluster\.sbatch"):
+        sbatch_options(["exclusive"])
+
+
+def test_strategies_by_name_and_bad_ones_in_one_line(tmp_path, shared_cache):
+    ddp = make_strategy(OmegaConf.create({"strategy": "ddp"}))
+    fsdp = make_strategy(OmegaConf.create({"strategy": "fsdp", "sharding": "SHARD_GRAD_OP"}))
+    assert type(ddp).__name__ == "DDPStrategy" and type(fsdp).__name__ == "FSDPStrategy"
+    bad = lab(tmp_path, *TINY, "trainer.strategy=horovod")
+    assert error_line(bad).startswith("error: trainer.strategy='horovod' is not allowed; allowed: auto, ddp")
+    bad_profile = lab(tmp_path, *TINY, "cluster=slurm_nowhere")
+    assert "slurm_nowhere" in error_line(bad_profile)
+
+
+def test_routed_experts_are_an_optimiser_group_of_their_own():
+    from components.moe import GroupedExperts
+    from research.module import LitLM
+    from tests.conftest import tiny_config
+
+    optim = {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "warmup_steps": 1,
+             "total_steps": 10, "min_lr_ratio": 0.1}  # fmt: skip
+    module = LitLM(tiny_config(ffn="moe"), optim, torch.ones(64))
+    groups = {g["name"]: g for g in module.configure_optimizers()["optimizer"].param_groups}
+    experts = {id(p) for m in module.model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    assert {id(p) for p in groups["experts"]["params"]} == experts and experts
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(module.parameters()))
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["experts"]["weight_decay"] == 0.1
