@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A PostgreSQL server on 127.0.0.1 for Optuna studies (and MLflow) shared by many workers; the
-# tests use it too. Debian's packages; run as root.
-#   cluster/postgres.sh start   -> prints the URL (postgresql+psycopg2://lab:lab@127.0.0.1:5432/lab)
+# A PostgreSQL server on 127.0.0.1 for Optuna studies and MLflow shared by many workers; the
+# tests use it too. Debian's packages; run as root. Two databases, because Optuna and MLflow each
+# keep their schema version in a table of the same name: `lab` for studies, `mlflow` for runs
+# (`lab server` uses it by default).
+#   cluster/postgres.sh start   -> prints the studies' URL (postgresql+psycopg2://lab:lab@127.0.0.1:5432/lab)
 #   cluster/postgres.sh stop
 set -euo pipefail
 DB=${LAB_PG_DB:-lab}
@@ -15,8 +17,10 @@ start)
     pg_ctlcluster "$VERSION" main start >/dev/null 2>&1 || pg_ctlcluster "$VERSION" main status >/dev/null
     su postgres -c "psql -qc \"DO \\\$\\\$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='lab')
         THEN CREATE ROLE lab LOGIN PASSWORD 'lab'; END IF; END\\\$\\\$;\"" >/dev/null
-    su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='$DB'\"" | grep -q 1 \
-        || su postgres -c "createdb -O lab $DB"
+    for db in "$DB" mlflow; do
+        su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname='$db'\"" | grep -q 1 \
+            || su postgres -c "createdb -O lab $db"
+    done
     echo "postgresql+psycopg2://lab:lab@127.0.0.1:5432/$DB"
     ;;
 stop)

@@ -10,6 +10,7 @@ lab sweep NAME [OVERRIDES] [--workers N] [--trials N] [--storage URL] [--wait]
                                       run (or resume) the Optuna study sweeps/NAME.yaml;
                                       cluster=PROFILE sends the workers to Slurm
 lab status NAME [--uri URI]           Slurm state, MLflow run and logs of each job of a grid or sweep
+lab server [tracking.server.KEY=V]    an MLflow tracking server (PostgreSQL) for a cluster's jobs
 lab grid --list | lab sweep --list    what there is
 """
 
@@ -239,6 +240,22 @@ def _status(rest: list[str]) -> None:
         fail_if(one_line(e))
 
 
+def _server(rest: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from research.server import serve
+
+    if rest[:1] in (["-h"], ["--help"]):
+        print("lab server [tracking.server.KEY=VALUE ...]: run the MLflow tracking server of conf/tracking")
+        return
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=rest)
+        serve(cfg.tracking.server)
+    except Exception as e:
+        fail_if(one_line(e).split(" Config search path")[0])
+
+
 def fail_if(problem: str | None) -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -257,7 +274,8 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system")
 
 
-COMMANDS = {"train": _train, "grid": _grid, "compare": _compare, "sweep": _sweep, "status": _status}
+COMMANDS = {"train": _train, "grid": _grid, "compare": _compare, "sweep": _sweep, "status": _status,
+            "server": _server}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from research import metrics as M
@@ -216,3 +217,41 @@ def test_routed_experts_are_an_optimiser_group_of_their_own():
     assert {id(p) for p in groups["experts"]["params"]} == experts and experts
     assert sum(len(g["params"]) for g in groups.values()) == len(list(module.parameters()))
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["experts"]["weight_decay"] == 0.1
+
+
+def test_jobs_log_to_a_tracking_server_started_by_lab_server(tmp_path, shared_cache):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pg = os.environ.get("LAB_TEST_POSTGRES_URL")  # cluster/postgres.sh: its `mlflow` database beside it
+    backend = pg.rsplit("/", 1)[0] + "/mlflow" if pg else f"sqlite:///{tmp_path / 'server.db'}"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "research.cli", "server", f"tracking.server.port={port}",
+                               f"tracking.server.backend={backend}", "tracking.server.workers=1",
+                               f"tracking.server.artifacts={tmp_path / 'artifacts'}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"no server on {uri}: {server.stdout.read() if server.poll() is not None else ''}")
+        experiment = f"served_{port}"
+        proc = lab(tmp_path, *TINY, f"tracking.uri={uri}", f"tracking.experiment={experiment}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        client = MlflowClient(tracking_uri=uri)
+        (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert run.info.status == "FINISHED" and M.VAL_BPB in run.data.metrics
+        assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}  # served artifacts
+        assert not (tmp_path / "mlruns.db").exists()  # nothing went to a local store
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
