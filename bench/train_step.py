@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from research import metrics as M
 from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor
-from research.config import model_config, precision_of
+from research.config import apply_precision_recipe, linear_factory, model_config, precision_of
 from research.data import LMDataModule
 from research.module import LitLM
 from research.strategies import make_strategy
@@ -42,7 +42,10 @@ def run_arm(overrides: list[str], steps: int) -> dict[str, float]:
     data = LMDataModule(cfg.data, seed=cfg.seed)
     corpus = data.prepare()
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    module = LitLM(model_config(cfg, corpus.vocab_size), optim, torch.from_numpy(corpus.token_bytes))
+    module = LitLM(
+        model_config(cfg, corpus.vocab_size), optim, torch.from_numpy(corpus.token_bytes), linear_factory(cfg)
+    )
+    apply_precision_recipe(module.model, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         callbacks = [PerfMonitor(5, cfg.data.seq_len), MoEMonitor(), DivergenceGuard()]
         trainer = L.Trainer(

@@ -13,8 +13,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 
 from components.balance import max_violation
+from components.fp8 import FP8Linear
 from research import metrics as M
 from research.errors import TrainingDiverged
 
@@ -136,9 +138,14 @@ class MoEMonitor(L.Callback):
 
 
 class StaticMetrics(L.Callback):
-    """Numbers fixed by the architecture, logged once."""
+    """Numbers fixed by the architecture, logged once; and which FP8 path the projections take
+    (tag ``precision.fp8_path``: scaled_mm on FP8 hardware, emulated elsewhere)."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        paths = {m.resolve_path(pl_module.device) for m in pl_module.modules() if isinstance(m, FP8Linear)}
+        for logger in trainer.loggers if paths else []:
+            if isinstance(logger, MLFlowLogger) and logger.run_id:
+                logger.experiment.set_tag(logger.run_id, "precision.fp8_path", ",".join(sorted(paths)))
         bytes_per_value = 2 if "16" in str(trainer.precision) else 4
         for logger in trainer.loggers:
             logger.log_metrics(

@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from components.fp8 import fp8_linear_factory
+from components.linear import LinearFactory, make_linear
 from components.registry import require
-from research.model import ModelConfig
+from research.model import ModelConfig, Transformer
 
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}  # name -> Lightning precision
+FP8_RECIPES = ("fp8", "fp8_rowwise")  # bf16 autocast around FP8 projections (fp32 on CPU)
 
 
 def model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
@@ -32,5 +35,37 @@ def precision_of(cfg: DictConfig) -> str:
     name = cfg.precision.name
     if name == "auto":
         name = "bf16" if torch.cuda.is_available() else "fp32"
-    require(name in PRECISIONS, "precision.name", name, ", ".join(["auto", *PRECISIONS]))
+    if name in FP8_RECIPES:
+        if name == "fp8_rowwise":
+            _require_torchao()
+        name = "bf16" if torch.cuda.is_available() else "fp32"
+    require(name in PRECISIONS, "precision.name", name, ", ".join(["auto", *PRECISIONS, *FP8_RECIPES]))
     return PRECISIONS[name]
+
+
+def linear_factory(cfg: DictConfig) -> LinearFactory:
+    """The projections' recipe: plain ``nn.Linear``, or DeepSeek-V3's block-wise FP8."""
+    p = cfg.precision
+    if p.name == "fp8":
+        return fp8_linear_factory(p.path, p.pow2_scales, p.dgrad, p.wgrad)
+    return make_linear
+
+
+def apply_precision_recipe(model: Transformer, cfg: DictConfig) -> None:
+    """``fp8_rowwise``: torchao swaps the factory's projections (not the head) for its Float8Linear."""
+    if cfg.precision.name != "fp8_rowwise":
+        return
+    _require_torchao()
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("rowwise"),
+                               module_filter_fn=lambda module, fqn: fqn != "head")  # fmt: skip
+
+
+def _require_torchao() -> None:
+    try:
+        import torchao  # noqa: F401
+    except ImportError as e:
+        raise ValueError(
+            "precision=fp8_rowwise needs torchao (pip install torchao) and a GPU with FP8"
+        ) from e

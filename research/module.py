@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
+from components.linear import LinearFactory, make_linear
 from components.moe import GroupedExperts
 from research import metrics as M
 from research.model import ModelConfig, Transformer
@@ -28,9 +29,10 @@ def _unwrapped(name: str) -> str:
 
 
 class LitLM(L.LightningModule):
-    def __init__(self, model_cfg: ModelConfig, optim: dict[str, Any], token_bytes: torch.Tensor):
+    def __init__(self, model_cfg: ModelConfig, optim: dict[str, Any], token_bytes: torch.Tensor,
+                 linear: LinearFactory = make_linear):  # fmt: skip
         super().__init__()
-        self.model = Transformer(model_cfg)
+        self.model = Transformer(model_cfg, linear)
         self.optim = dict(optim)
         # Optimiser group of every parameter, decided here on the plain model: once FSDP shards it,
         # shapes no longer tell a matrix from a norm. Routed experts get a group of their own

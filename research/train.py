@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from components.registry import require
 from research import preemption, tracking
 from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor, StaticMetrics
-from research.config import model_config, precision_of
+from research.config import apply_precision_recipe, linear_factory, model_config, precision_of
 from research.data import LMDataModule
 from research.module import LitLM
 from research.strategies import cluster_plugins, make_strategy
@@ -92,7 +92,10 @@ def train(
     data = LMDataModule(cfg.data, seed=cfg.seed)
     corpus = data.prepare()
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    module = LitLM(model_config(cfg, corpus.vocab_size), optim, torch.from_numpy(corpus.token_bytes))
+    module = LitLM(
+        model_config(cfg, corpus.vocab_size), optim, torch.from_numpy(corpus.token_bytes), linear_factory(cfg)
+    )
+    apply_precision_recipe(module.model, cfg)
     logger = tracking.make_logger(cfg, run_dir, overrides or [], resume.run_id if resume else None, tags)
 
     t = cfg.trainer

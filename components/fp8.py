@@ -1,0 +1,221 @@
+"""DeepSeek-V3's fine-grained FP8 recipe for the projection matrices (``precision=fp8``).
+
+Quantisation (E4M3, scale = max-abs / 448, optionally rounded up to a power of two):
+  activations and gradients per 1x128 tile (one row, 128 consecutive values along the GEMM's
+  reduction dimension), weights per 128x128 block. An outlier then only coarsens its own tile.
+
+The three GEMMs of ``y = x @ W.T`` (x [M, K] tokens x features, W [N, K]), each with both operands
+tiled along its own reduction dimension, since a scale can only be factored out of a dot product
+along the dimension it sums over:
+  forward  y  [M, N] = x  @ W.T : x per 1x128 along K,   W per 128x128
+  dgrad    dx [M, K] = dy @ W   : dy per 1x128 along N,  W per 128x128 (the same blocks, transposed)
+  wgrad    dW [N, K] = dy.T @ x : dy.T per 1x128 along M (tokens), x.T per 1x128 along M
+Master weights, gradients and optimiser state stay in high precision; outputs are bf16 (fp32 in
+emulation). ``dgrad``/``wgrad`` can each be kept in bf16 for ablation.
+
+Paths: ``scaled_mm`` (Hopper: ``torch.nn.functional.scaled_mm`` with BlockWise1x128 /
+BlockWise128x128 scales, Triton quantisers) and ``emulated`` (anywhere: the same quantisation,
+then dequantise and multiply in fp32), so the numerics are testable on a CPU. Dimensions that are
+not multiples of 128 are zero-padded (zeros change no dot product) and the output sliced back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.registry import require
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+TILE = 128
+ROWS = 16  # the first operand's rows are padded to this: its scales' column-major layout needs aligned rows
+GEMM_PRECISIONS = ("fp8", "bf16")
+PATHS = ("auto", "scaled_mm", "emulated")
+
+
+def _scale_of(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
+    """Decoding scale of a tile: max-abs maps onto E4M3's largest value (an all-zero tile gets the
+    smallest normal float, so it still decodes to zeros)."""
+    scale = amax.float().clamp(min=torch.finfo(torch.float32).tiny) / E4M3_MAX
+    return torch.exp2(torch.ceil(torch.log2(scale))) if pow2 else scale
+
+
+def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def pad_to_tiles(x: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    """Zero-pad the last dim to a multiple of 128 (and the first to ``rows``' multiple)."""
+    r, c = x.shape
+    return F.pad(x, (0, -c % TILE, 0, -r % rows)) if (c % TILE or r % rows) else x
+
+
+def quantize_tiles(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, C] (C a multiple of 128) -> (E4M3 [R, C], scales [R, C/128]): 1x128 tiles along C."""
+    r, c = x.shape
+    require(c % TILE == 0, "fp8 tile", c, "a multiple of 128 (pad first)")
+    tiles = x.float().reshape(r, c // TILE, TILE)
+    scale = _scale_of(tiles.abs().amax(-1), pow2)
+    return _cast(tiles, scale[..., None]).view(r, c), scale
+
+
+def quantize_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [R, C] (both multiples of 128) -> (E4M3 [R, C], scales [R/128, C/128]): 128x128 blocks."""
+    r, c = w.shape
+    require(r % TILE == 0 and c % TILE == 0, "fp8 block", (r, c), "multiples of 128 (pad first)")
+    blocks = w.float().view(r // TILE, TILE, c // TILE, TILE)
+    scale = _scale_of(blocks.abs().amax(dim=(1, 3)), pow2)
+    return _cast(blocks, scale[:, None, :, None]).view(r, c), scale
+
+
+def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (q.float().view(*scale.shape, TILE) * scale[..., None]).view(q.shape)
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    r, c = scale.shape
+    return (q.float().view(r, TILE, c, TILE) * scale[:, None, :, None]).view(q.shape)
+
+
+# --- GEMMs on quantised operands -----------------------------------------------------------------
+# Operands come in "row form": [rows, reduction], scales in their natural row-major shapes.
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, blocks: bool) -> torch.Tensor:
+    return dequantize_blocks(q, scale) if blocks else dequantize_tiles(q, scale)
+
+
+def _gemm_emulated(a, sa, b, sb, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    return (_dequantize(a, sa, False) @ _dequantize(b, sb, b_blocks).t()).to(out_dtype)
+
+
+def _gemm_scaled_mm(a, sa, b, sb, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    # cuBLAS (through torch 2.11's checks) wants: 1x128 scales of either operand as [rows, K/128]
+    # outer-dim-major (stride (1, rows)); 128x128 scales as [K/128, N/128] with the K blocks padded
+    # to a multiple of 4 (the padding is never read: ones); the second operand column-major.
+    recipe = F.ScalingType
+    sa = sa.t().contiguous().t()
+    if b_blocks:
+        sb, rb = F.pad(sb, (0, -sb.shape[1] % 4), value=1.0).contiguous().t(), recipe.BlockWise128x128
+    else:
+        sb, rb = sb.t().contiguous().t(), recipe.BlockWise1x128
+    return F.scaled_mm(a, b.t(), sa, recipe.BlockWise1x128, sb, rb, output_dtype=out_dtype)
+
+
+def scaled_mm_available(device: torch.device) -> bool:
+    """Block-scaled FP8 GEMMs need a CUDA device of compute capability 9.0 (Hopper) or newer."""
+    return (
+        device.type == "cuda"
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+        and hasattr(F, "scaled_mm")
+    )
+
+
+# --- the linear ----------------------------------------------------------------------------------
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, linear: FP8Linear) -> torch.Tensor:
+        M, N = x.shape[0], weight.shape[0]
+        out_dtype = torch.bfloat16 if linear.path == "scaled_mm" else torch.float32
+        gemm = linear.gemm
+        xq, xs = linear.quantize_tiles(pad_to_tiles(x, ROWS))
+        wq, ws = linear.quantize_blocks(pad_to_tiles(weight, TILE))
+        y = gemm(xq, xs, wq, ws, True, out_dtype)[:M, :N]
+        ctx.save_for_backward(x, weight)
+        ctx.linear, ctx.in_dtype = linear, x.dtype
+        ctx.w_quantized = (wq, ws)  # the dgrad reuses the forward's blocks (transposed)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        linear: FP8Linear = ctx.linear
+        M, K = x.shape
+        N = weight.shape[0]
+        dx = dw = None
+        out_dtype = torch.bfloat16 if linear.path == "scaled_mm" else torch.float32
+        if ctx.needs_input_grad[0]:
+            if linear.dgrad == "fp8":
+                wq, ws = ctx.w_quantized  # [N', K'] blocks -> W.T [K', N'] blocks, scales transposed
+                dyq, dys = linear.quantize_tiles(pad_to_tiles(dy, ROWS))
+                dx = linear.gemm(dyq, dys, wq.t().contiguous(), ws.t(), True, out_dtype)[:M, :K]
+            else:
+                dx = dy.to(torch.bfloat16) @ weight.to(torch.bfloat16)
+        if ctx.needs_input_grad[1]:
+            if linear.wgrad == "fp8":  # reduction over tokens: both operands tiled along M
+                dytq, dyts = linear.quantize_tiles(pad_to_tiles(dy.t(), TILE))
+                xtq, xts = linear.quantize_tiles(pad_to_tiles(x.t(), TILE))
+                dw = linear.gemm(dytq, dyts, xtq, xts, False, torch.float32)[:N, :K]
+            else:
+                dw = dy.t().to(torch.bfloat16) @ x.to(torch.bfloat16)
+        return (
+            None if dx is None else dx.to(ctx.in_dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None,
+        )
+
+
+class FP8Linear(nn.Module):
+    """A bias-free linear whose three GEMMs run in FP8 with DeepSeek-V3's tile/block scaling."""
+
+    def __init__(self, in_features: int, out_features: int, path: str = "auto", pow2_scales: bool = False,
+                 dgrad: str = "fp8", wgrad: str = "fp8"):  # fmt: skip
+        super().__init__()
+        require(path in PATHS, "precision.path", path, ", ".join(PATHS))
+        require(dgrad in GEMM_PRECISIONS, "precision.dgrad", dgrad, ", ".join(GEMM_PRECISIONS))
+        require(wgrad in GEMM_PRECISIONS, "precision.wgrad", wgrad, ", ".join(GEMM_PRECISIONS))
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.requested_path, self.pow2 = path, pow2_scales
+        self.dgrad, self.wgrad = dgrad, wgrad
+        self.path = "emulated"
+
+    def extra_repr(self) -> str:
+        options = f"path={self.path}, dgrad={self.dgrad}, wgrad={self.wgrad}"
+        return f"{self.in_features}, {self.out_features}, {options}"
+
+    def resolve_path(self, device: torch.device) -> str:
+        fast = scaled_mm_available(device)
+        if self.requested_path == "scaled_mm":
+            require(fast, "precision.path", "scaled_mm", "auto or emulated on a device without FP8 GEMMs")
+        return "scaled_mm" if self.requested_path != "emulated" and fast else "emulated"
+
+    def quantize_tiles(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.path == "scaled_mm":
+            from components.fp8_triton import quantize_tiles_triton
+
+            return quantize_tiles_triton(x, self.pow2)
+        return quantize_tiles(x, self.pow2)
+
+    def quantize_blocks(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.path == "scaled_mm":
+            from components.fp8_triton import quantize_blocks_triton
+
+            return quantize_blocks_triton(w, self.pow2)
+        return quantize_blocks(w, self.pow2)
+
+    def gemm(self, a, sa, b, sb, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        fn = _gemm_scaled_mm if self.path == "scaled_mm" else _gemm_emulated
+        return fn(a, sa, b, sb, b_blocks, out_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.path = self.resolve_path(x.device)
+        with torch.autocast(x.device.type, enabled=False):  # the recipe sets every dtype itself
+            out_dtype = torch.bfloat16 if self.path == "scaled_mm" else x.dtype
+            x2 = x.reshape(-1, x.shape[-1])
+            y = _FP8LinearFunction.apply(x2, self.weight, self)
+        return y.reshape(*x.shape[:-1], self.out_features).to(out_dtype)
+
+
+def fp8_linear_factory(path: str = "auto", pow2_scales: bool = False, dgrad: str = "fp8", wgrad: str = "fp8"):
+    """A ``LinearFactory`` making ``FP8Linear``s with these options."""
+
+    def make(in_features: int, out_features: int) -> nn.Module:
+        return FP8Linear(in_features, out_features, path, pow2_scales, dgrad, wgrad)
+
+    return make

@@ -1,0 +1,117 @@
+"""DeepSeek-V3's FP8 recipe, checked on a CPU through the emulation path (same quantisation, fp32
+GEMMs): round-trip bounds, the linear's three GEMMs against fp32, and why the tiles are small."""
+
+import pytest
+import torch
+
+from components.fp8 import (
+    E4M3_MAX,
+    FP8Linear,
+    dequantize_blocks,
+    dequantize_tiles,
+    quantize_blocks,
+    quantize_tiles,
+)
+from tests.cli_helpers import TINY, error_line, lab, runs
+
+# E4M3 keeps 3 mantissa bits: a normal value is off by at most half a step, 2^-4 of itself; below
+# the smallest normal (2^-6 x scale) the step is fixed, 2^-9 x scale, so half of it bounds the error.
+REL, SUBNORMAL_ABS = 2.0**-4, 2.0**-10
+
+
+def within_e4m3(x, deq, scale_per_element):
+    bound = torch.maximum(x.abs() * REL, scale_per_element * SUBNORMAL_ABS)
+    return bool(((x - deq).abs() <= bound * (1 + 1e-6)).all())
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_round_trip_error_is_within_e4m3s_bound_in_every_tile_and_block(pow2):
+    x = torch.randn(64, 512) * torch.logspace(-3, 3, 512)  # tiles of very different ranges
+    q, s = quantize_tiles(x, pow2)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (64, 4)
+    assert within_e4m3(x, dequantize_tiles(q, s), s.repeat_interleave(128, dim=1))
+    assert (q.float().abs().amax(-1) <= E4M3_MAX).all()
+    w = torch.randn(256, 384) * 0.02
+    qw, sw = quantize_blocks(w, pow2)
+    assert sw.shape == (2, 3)
+    assert within_e4m3(w, dequantize_blocks(qw, sw), sw.repeat_interleave(128, 0).repeat_interleave(128, 1))
+    if pow2:
+        assert torch.equal(torch.log2(s), torch.log2(s).round())  # exact powers of two
+    zeros, scale = quantize_tiles(torch.zeros(2, 128))
+    assert torch.equal(dequantize_tiles(zeros, scale), torch.zeros(2, 128))
+
+
+def rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.mark.parametrize(("dgrad", "wgrad"), [("fp8", "fp8"), ("bf16", "fp8"), ("fp8", "bf16")])
+def test_fp8_linear_forward_and_both_gradients_match_fp32(dgrad, wgrad):
+    torch.manual_seed(0)
+    M, K, N = 200, 300, 288  # none a multiple of 128: padded inside
+    layer = FP8Linear(K, N, path="emulated", dgrad=dgrad, wgrad=wgrad)
+    ref = torch.nn.Linear(K, N, bias=False)
+    ref.weight.data.copy_(layer.weight.data)
+    x = torch.randn(4, M // 4, K)
+    x8, x32 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y8, y32 = layer(x8), ref(x32)
+    grad = torch.randn_like(y32)
+    y8.backward(grad)
+    y32.backward(grad)
+    # Tolerance: E4M3 rounding is ~2.5-3.6% RMS per operand element; a dot product averages it,
+    # so each GEMM lands at ~3.6% of the result's norm. 6% leaves room without hiding a bug (a
+    # wrong tiling or scale gives tens of percent).
+    assert rel(y8, y32) < 0.06
+    assert rel(x8.grad, x32.grad) < (0.06 if dgrad == "fp8" else 0.01)
+    assert rel(layer.weight.grad, ref.weight.grad) < (0.06 if wgrad == "fp8" else 0.01)
+    assert layer.path == "emulated"
+
+
+def test_emulated_forward_is_exactly_the_product_of_the_dequantised_tiles_and_blocks():
+    torch.manual_seed(1)
+    layer = FP8Linear(256, 128, path="emulated")
+    x = torch.randn(32, 256)
+    xq, xs = quantize_tiles(x)
+    wq, ws = quantize_blocks(layer.weight.detach())
+    expected = dequantize_tiles(xq, xs) @ dequantize_blocks(wq, ws).t()
+    assert torch.allclose(layer(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_an_outlier_channel_ruins_a_per_tensor_scale_but_only_its_own_tiles():
+    torch.manual_seed(2)
+    x = torch.randn(256, 1024) * 0.1  # activations of an ordinary size ...
+    x[:, 5] = 1e4  # ... beside one outlier channel, in the first 128-channel tile of every row
+    q, s = quantize_tiles(x)
+    deq = dequantize_tiles(q, s)
+    rest = slice(128, None)  # the tiles without the outlier
+    tile_error = rel(deq[:, rest], x[:, rest])
+    per_tensor = x.abs().max() / E4M3_MAX  # one scale for the whole tensor
+    deq_tensor = (x / per_tensor).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * per_tensor
+    tensor_error = rel(deq_tensor[:, rest], x[:, rest])
+    assert tile_error < 0.04  # the normal E4M3 level
+    assert tensor_error > max(0.1, 4 * tile_error)  # ordinary values pushed into E4M3's subnormal range
+    clean_q, clean_s = quantize_tiles(x[:, rest].contiguous())
+    assert rel(dequantize_tiles(clean_q, clean_s), x[:, rest]) == pytest.approx(tile_error)
+
+
+def test_precision_fp8_trains_with_the_emulation_on_cpu_and_records_the_path(tmp_path, shared_cache):
+    proc = lab(tmp_path, *TINY, "precision=fp8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.params["precision.name"] == "fp8"
+    assert run.data.tags["precision.fp8_path"] == "emulated"
+    bad = lab(tmp_path, *TINY, "precision=fp8", "precision.wgrad=fp4")
+    assert error_line(bad).startswith("error: precision.wgrad='fp4' is not allowed; allowed: fp8, bf16")
+    forced = lab(tmp_path, *TINY, "precision=fp8", "precision.path=scaled_mm")
+    assert "precision.path='scaled_mm' is not allowed" in error_line(forced)
+
+
+def test_fp8_rowwise_without_torchao_is_one_clear_error(tmp_path, shared_cache):
+    try:
+        import torchao  # noqa: F401
+
+        pytest.skip("torchao is installed here")
+    except ImportError:
+        pass
+    proc = lab(tmp_path, *TINY, "precision=fp8_rowwise")
+    assert error_line(proc).startswith("error: precision=fp8_rowwise needs torchao (pip install torchao)")
