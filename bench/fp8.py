@@ -151,8 +151,12 @@ def parity(steps: int) -> None:
         "data.batch_size=8",
         f"optim.warmup_steps={steps // 20}",
     ]
+    # Deterministic kernels: two bf16 runs of this config without them ended 2.2% apart at step
+    # 1000 (the MoE combine's atomics), more than the effect being measured. The repeat shows it.
+    overrides.append("trainer.deterministic=warn")
     variants = {
         "bf16": ["precision=bf16"],
+        "bf16 again": ["precision=bf16"],
         "fp8": ["precision=fp8"],
         "fp8 fwd only": ["precision=fp8", "precision.dgrad=bf16", "precision.wgrad=bf16"],
     }

@@ -25,6 +25,7 @@ from research.config import apply_precision_recipe, linear_factory, model_config
 from research.data import LMDataModule
 from research.module import LitLM
 from research.strategies import make_strategy
+from research.train import deterministic
 
 ARMS = {
     "mha + dense": ["attention=mha", "ffn=dense", "balance=none"],
@@ -53,6 +54,7 @@ def run_arm(overrides: list[str], steps: int) -> dict[str, float]:
             strategy=make_strategy(cfg.trainer),
             devices=cfg.trainer.devices,
             use_distributed_sampler=False,  # LMDataModule shards the global batch itself
+            deterministic=deterministic(cfg.trainer),
             precision=precision_of(cfg),
             max_steps=steps,
             val_check_interval=steps,

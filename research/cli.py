@@ -67,6 +67,7 @@ def precheck(overrides: list[str]) -> str | None:
     from research.model import Transformer
     from research.slurm import launcher
     from research.strategies import make_strategy
+    from research.train import deterministic
 
     job_overrides = []
     try:
@@ -83,6 +84,7 @@ def precheck(overrides: list[str]) -> str | None:
             cfg = compose("train", overrides=[searchpath_override(), *job_overrides])
         precision_of(cfg)
         make_strategy(cfg.trainer)
+        deterministic(cfg.trainer)
         launcher(cfg)
         with torch.device("meta"):
             Transformer(model_config(cfg, vocab_size=256))

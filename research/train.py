@@ -124,6 +124,7 @@ def train(
         num_nodes=t.num_nodes,
         plugins=cluster_plugins(),
         use_distributed_sampler=False,  # LMDataModule gives each rank its share itself
+        deterministic=deterministic(t),
         precision=precision,
         max_steps=t.max_steps,
         val_check_interval=t.val_every,
@@ -151,6 +152,17 @@ def train(
         tracking.mark_failed(logger, f"{type(e).__name__}: {' '.join(str(e).split())}")
         raise
     return TrainResult(logger.run_id, {k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+DETERMINISTIC = (False, True, "warn")
+
+
+def deterministic(t: DictConfig) -> bool | str:
+    """``trainer.deterministic``: atomics-based kernels (the MoE combine's index_add on a GPU) make
+    two runs of one config differ by more than a precision change does; this makes them repeat."""
+    value = t.get("deterministic", False)
+    require(value in DETERMINISTIC, "trainer.deterministic", value, "false, true, warn")
+    return value
 
 
 def run_dir_of_hydra_job() -> tuple[Path, list[str]]:

@@ -200,6 +200,8 @@ def test_strategies_by_name_and_bad_ones_in_one_line(tmp_path, shared_cache):
     assert type(ddp).__name__ == "DDPStrategy" and type(fsdp).__name__ == "FSDPStrategy"
     bad = lab(tmp_path, *TINY, "trainer.strategy=horovod")
     assert error_line(bad).startswith("error: trainer.strategy='horovod' is not allowed; allowed: auto, ddp")
+    bad = lab(tmp_path, *TINY, "trainer.deterministic=maybe")
+    assert error_line(bad).startswith("error: trainer.deterministic='maybe' is not allowed; allowed: false")
     bad_profile = lab(tmp_path, *TINY, "cluster=slurm_nowhere")
     assert "slurm_nowhere" in error_line(bad_profile)
 

@@ -95,7 +95,7 @@ def test_an_outlier_channel_ruins_a_per_tensor_scale_but_only_its_own_tiles():
 
 
 def test_precision_fp8_trains_with_the_emulation_on_cpu_and_records_the_path(tmp_path, shared_cache):
-    proc = lab(tmp_path, *TINY, "precision=fp8")
+    proc = lab(tmp_path, *TINY, "precision=fp8", "trainer.deterministic=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = runs(tmp_path)
     assert run.info.status == "FINISHED" and run.data.params["precision.name"] == "fp8"
