@@ -210,3 +210,19 @@ def test_a_run_killed_hard_is_closed_as_failed(tmp_path):
         closed.info.status == "FAILED" and closed.data.tags["failure_reason"] == "process exited with code -9"
     )
     assert client.get_run(neighbour.info.run_id).info.status == "RUNNING"
+
+
+@pytest.mark.parametrize("name", ["attention", "balance", "moe_granularity", "mtp", "precision", "quick",
+                                  "v3_replication"])  # fmt: skip
+def test_every_shipped_grid_composes_and_each_arm_builds(name):
+    from research.cli import precheck
+    from research.grid import available, compose_grid, expand
+
+    assert name in available()
+    cfg = compose_grid(name, [])
+    jobs = expand(name, cfg, [])
+    assert jobs and len({j.arm for j in jobs}) >= 2
+    for job in {j.arm: j for j in jobs}.values():
+        # fp8_rowwise needs torchao and a GPU: its arm is checked with the default precision here.
+        overrides = [o for o in job.overrides if o != "precision=fp8_rowwise"]
+        assert precheck(overrides) is None, job.arm
