@@ -20,6 +20,7 @@ from torch import nn
 
 from components.balance import LoadBalance
 from components.ffn import FFN, SwiGLU
+from components.fp8 import fp8_grouped_mm
 from components.linear import LinearFactory
 from components.registry import require
 
@@ -115,6 +116,12 @@ class GroupedExperts(nn.Module):
         self.backend = backend
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * expert_dim))  # [E, C, 2H]
         self.w_down = nn.Parameter(torch.empty(n_experts, expert_dim, d_model))  # [E, H, C]
+        self.fp8: dict | None = None  # FP8 recipe options (pow2, dgrad, wgrad) when precision=fp8
+
+    def _mm(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if self.fp8 is None:
+            return grouped_mm(x, w, counts, self.backend)
+        return fp8_grouped_mm(x, w, counts, lambda a, b, c: grouped_mm(a, b, c, self.backend), **self.fp8)
 
     def forward(
         self, x: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor
@@ -130,9 +137,9 @@ class GroupedExperts(nn.Module):
             0, flat_expert, torch.ones_like(flat_expert)
         )
         dtype = _compute_dtype(x)
-        h = grouped_mm(x[token].to(dtype), self.w_gate_up.to(dtype), counts, self.backend)
+        h = self._mm(x[token].to(dtype), self.w_gate_up.to(dtype), counts)
         gate, up = h.chunk(2, dim=-1)
-        out = grouped_mm(F.silu(gate) * up, self.w_down.to(dtype), counts, self.backend)
+        out = self._mm(F.silu(gate) * up, self.w_down.to(dtype), counts)
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return out.new_zeros(N, x.shape[-1]).index_add_(0, token, out), counts
 

@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from components.fp8 import fp8_linear_factory
 from components.linear import LinearFactory, make_linear
+from components.moe import GroupedExperts
 from components.registry import require
 from research.model import ModelConfig, Transformer
 
@@ -38,6 +39,9 @@ def precision_of(cfg: DictConfig) -> str:
     if name in FP8_RECIPES:
         if name == "fp8_rowwise":
             _require_torchao()
+        else:
+            experts = cfg.precision.get("experts")
+            require(experts in ("fp8", "bf16"), "precision.experts", experts, "fp8, bf16")
         name = "bf16" if torch.cuda.is_available() else "fp32"
     require(name in PRECISIONS, "precision.name", name, ", ".join(["auto", *PRECISIONS, *FP8_RECIPES]))
     return PRECISIONS[name]
@@ -52,8 +56,18 @@ def linear_factory(cfg: DictConfig) -> LinearFactory:
 
 
 def apply_precision_recipe(model: Transformer, cfg: DictConfig) -> None:
-    """``fp8_rowwise``: torchao swaps the factory's projections (not the head) for its Float8Linear."""
-    if cfg.precision.name != "fp8_rowwise":
+    """What the LinearFactory cannot reach: ``fp8`` puts the routed experts' grouped GEMMs under
+    the same recipe; ``fp8_rowwise`` lets torchao swap the factory's projections (not the head)."""
+    p = cfg.precision
+    if p.name == "fp8":
+        require(
+            p.get("experts", "fp8") in ("fp8", "bf16"), "precision.experts", p.get("experts"), "fp8, bf16"
+        )
+        if p.get("experts", "fp8") == "fp8":
+            for m in model.modules():
+                if isinstance(m, GroupedExperts):
+                    m.fp8 = {"pow2": p.pow2_scales, "dgrad": p.dgrad, "wgrad": p.wgrad}
+    if p.name != "fp8_rowwise":
         return
     _require_torchao()
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
