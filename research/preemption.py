@@ -80,14 +80,27 @@ class RequeueOnSignal(L.Callback):
         raise Requeued(f"checkpointed at step {trainer.global_step} and requeued")
 
 
+DEEPSPEED_STATES = Path("checkpoint") / "mp_rank_00_model_states.pt"  # where DeepSpeed keeps the rest
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents without its tensors' data (memory-mapped): a Lightning file, or a
+    DeepSpeed checkpoint folder (its model-states file carries Lightning's other keys)."""
+    path = Path(path)
+    target = path / DEEPSPEED_STATES if path.is_dir() else path
+    ckpt = torch.load(target, map_location="cpu", weights_only=False, mmap=True)
+    if not isinstance(ckpt, dict) or not ({"state_dict", "global_step"} & set(ckpt)):
+        raise ValueError(f"{path} is not a Lightning checkpoint")
+    return ckpt
+
+
 def find_latest(run_dir: Path, config_hash: str) -> Path | None:
     """The newest checkpoint in ``run_dir/checkpoints`` written by a run of this very config."""
     found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in found:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            if read_checkpoint(path).get("config_hash") == config_hash:
+                return path
         except Exception:
             continue  # a file cut short by the kill: try the one before
-        if ckpt.get("config_hash") == config_hash:
-            return path
     return None

@@ -35,15 +35,15 @@ class Resume:
 
 
 def find_checkpoint(resume: str) -> Resume:
-    """``resume`` is a checkpoint file or a run folder (then its ``checkpoints/last.ckpt``)."""
+    """``resume`` is a checkpoint (a file, or a DeepSpeed checkpoint folder) or a run folder (then
+    its ``checkpoints/last.ckpt``)."""
     path = Path(resume).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not (path / preemption.DEEPSPEED_STATES).exists():
         path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"resume='{resume}': no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        require(isinstance(ckpt, dict) and "state_dict" in ckpt, "resume", resume, "a Lightning checkpoint")
+        ckpt = preemption.read_checkpoint(path)
     except Exception as e:
         raise CheckpointError(
             f"resume='{resume}' is not a readable checkpoint: {' '.join(str(e).split())[:200]}"

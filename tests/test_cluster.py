@@ -257,3 +257,19 @@ def test_jobs_log_to_a_tracking_server_started_by_lab_server(tmp_path, shared_ca
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_deepspeed_checkpoint_folders_are_found_and_resumed_like_files(tmp_path):
+    from research.preemption import DEEPSPEED_STATES, find_latest
+    from research.train import find_checkpoint
+
+    folder = tmp_path / "run" / "checkpoints" / "preempt.ckpt"  # what DeepSpeed writes: a folder
+    (folder / DEEPSPEED_STATES).parent.mkdir(parents=True)
+    client_state = {"global_step": 40, "mlflow_run_id": "abc123", "config_hash": "h1", "module": {}}
+    torch.save(client_state, folder / DEEPSPEED_STATES)
+    assert find_latest(tmp_path / "run", "h1") == folder
+    assert find_latest(tmp_path / "run", "another config") is None
+    resume = find_checkpoint(str(folder))
+    assert resume.path == folder and resume.run_id == "abc123"
+    (folder / DEEPSPEED_STATES).write_bytes(b"cut short")
+    assert find_latest(tmp_path / "run", "h1") is None  # unreadable: not resumed from
