@@ -29,7 +29,7 @@ install_packages() {
 alive() {
     local pid
     [ -s "$1" ] || return 1
-    pid=$(cat "$1")
+    pid=$(cat "$1" 2>/dev/null) || return 1
     [ -r "/proc/$pid/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status"
 }
 
@@ -138,7 +138,7 @@ start() {
 stop_daemon() {  # stop_daemon <pid file>
     local pid
     alive "$1" || return 0
-    pid=$(cat "$1")
+    pid=$(cat "$1" 2>/dev/null) || return 0
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 50); do
         alive "$1" || return 0

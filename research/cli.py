@@ -55,12 +55,25 @@ def train_app(cfg: DictConfig) -> float | None:
     return result.metrics.get("val/bpb")
 
 
+def first_job(overrides: list[str]) -> list[str]:
+    """The overrides of a multirun's first job (first value of every sweep), Hydra's own keys out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    job = []
+    for o in OverridesParser.create().parse_overrides([a for a in overrides if not a.startswith("-")]):
+        if o.get_key_element().startswith(("hydra.", "hydra/", "+hydra")):
+            continue
+        sweep = o.is_sweep_override()
+        value = next(iter(o.sweep_string_iterator())) if sweep else o.get_value_element_as_str()
+        job.append(f"{o.get_key_element()}={value}")
+    return job
+
+
 def precheck(overrides: list[str]) -> str | None:
     """Compose the config (first value of any sweep) and build the model on the meta device, so a
     typo or an impossible spec fails in one line before Hydra starts any job."""
     import torch
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from research.config import model_config, precision_of
     from research.grid import searchpath_override
@@ -69,17 +82,8 @@ def precheck(overrides: list[str]) -> str | None:
     from research.strategies import make_strategy
     from research.train import deterministic
 
-    job_overrides = []
     try:
-        for o in OverridesParser.create().parse_overrides([a for a in overrides if not a.startswith("-")]):
-            if o.get_key_element().startswith(("hydra.", "hydra/", "+hydra")):
-                continue
-            value = (
-                next(iter(o.sweep_string_iterator()))
-                if o.is_sweep_override()
-                else o.get_value_element_as_str()
-            )
-            job_overrides.append(f"{o.get_key_element()}={value}")
+        job_overrides = first_job(overrides)
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=[searchpath_override(), *job_overrides])
         precision_of(cfg)
@@ -126,11 +130,21 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _train(rest: list[str]) -> None:
-    from research.grid import searchpath_override
+    from research.grid import compose_run, searchpath_override, submit_run
+    from research.slurm import launcher
 
     flags, overrides = split_flags(rest)
     if not any(f.split("=")[0] in INSPECT_FLAGS for f in flags):
         fail_if(precheck(overrides))
+        job = first_job(overrides)
+        cfg = compose_run(job)
+        if launcher(cfg) == "slurm":  # one run with a Slurm profile becomes a Slurm job
+            several = any(f in ("-m", "--multirun") for f in flags)
+            fail_if("several runs on Slurm go in a grid: lab grid NAME cluster=PROFILE" if several else None)
+            try:
+                return submit_run(cfg, job)
+            except USER_ERRORS as e:
+                fail_if(one_line(e))
     # argv[0] stays the real program: Lightning's DDP launcher re-runs it for the other ranks.
     sys.argv = [sys.argv[0], *flags, *overrides, searchpath_override()]
     train_app()

@@ -153,6 +153,27 @@ def run_grid(
     return grid_dir
 
 
+def compose_run(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("research.conf", version_base="1.3"):
+        return compose("train", overrides=[searchpath_override(), *overrides])
+
+
+def submit_run(cfg: DictConfig, overrides: list[str]) -> None:
+    """``lab train OVERRIDES`` with a Slurm profile: one job, sent as a grid of one so that
+    ``lab status ABLATION`` and resuming work as for grids."""
+    from research import slurm
+    from research.data import tokenize_corpus
+
+    tokenize_corpus(cfg.data)
+    overrides = [*overrides, *slurm.run_overrides(cfg.cluster)]
+    grid_dir = Path("multirun") / cfg.ablation / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    arm = " ".join(o for o in overrides if not o.startswith(("cluster", "trainer.", "seed="))) or "(defaults)"
+    job = Job(0, arm, int(cfg.seed), overrides, run_dir=grid_dir / "0")
+    _submit(cfg, cfg.ablation, [job], grid_dir, wait=False)
+
+
 def _submit(cfg: DictConfig, name: str, todo: list[Job], grid_dir: Path, wait: bool) -> None:
     from research import slurm
 

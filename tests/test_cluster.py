@@ -273,3 +273,17 @@ def test_deepspeed_checkpoint_folders_are_found_and_resumed_like_files(tmp_path)
     assert resume.path == folder and resume.run_id == "abc123"
     (folder / DEEPSPEED_STATES).write_bytes(b"cut short")
     assert find_latest(tmp_path / "run", "h1") is None  # unreadable: not resumed from
+
+
+def test_one_lab_train_with_a_slurm_profile_becomes_a_job(tmp_path, shared_cache, slurm):
+    proc = lab(tmp_path, *TINY, "cluster=slurm_local", "ablation=single")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "submitted" in proc.stdout
+    deadline = time.time() + 180
+    done = lambda: any(r.info.status == "FINISHED" for r in grid_runs(tmp_path, "single"))  # noqa: E731
+    while time.time() < deadline and not done():
+        time.sleep(2)
+    (run,) = grid_runs(tmp_path, "single")
+    assert run.info.status == "FINISHED" and run.data.tags["slurm.job_id"]
+    several = lab(tmp_path, "-m", "seed=0,1", *TINY, "cluster=slurm_local")
+    assert error_line(several) == "error: several runs on Slurm go in a grid: lab grid NAME cluster=PROFILE"
