@@ -17,15 +17,12 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_module
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import OmegaConf
 
 from research import metrics as M
 from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor
-from research.config import apply_precision_recipe, linear_factory, model_config, precision_of
-from research.data import LMDataModule
-from research.module import LitLM
+from research.config import precision_of
 from research.strategies import make_strategy
-from research.train import deterministic
+from research.train import build, deterministic
 
 ARMS = {
     "mha + dense": ["attention=mha", "ffn=dense", "balance=none"],
@@ -39,14 +36,7 @@ def run_arm(overrides: list[str], steps: int) -> dict[str, float]:
     GPUs: Lightning starts the other ranks by running this command again); rank 0's metrics."""
     with initialize_config_module("research.conf", version_base="1.3"):
         cfg = compose("train", overrides=[*BASE, *overrides, f"trainer.max_steps={steps}"])
-    L.seed_everything(cfg.seed, verbose=False)
-    data = LMDataModule(cfg.data, seed=cfg.seed)
-    corpus = data.prepare()
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    module = LitLM(
-        model_config(cfg, corpus.vocab_size), optim, torch.from_numpy(corpus.token_bytes), linear_factory(cfg)
-    )
-    apply_precision_recipe(module.model, cfg)
+    data, module = build(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         callbacks = [PerfMonitor(5, cfg.data.seq_len), MoEMonitor(), DivergenceGuard()]
         trainer = L.Trainer(

@@ -27,7 +27,6 @@ from omegaconf import DictConfig
 
 from research.errors import TrackingError, TrainingDiverged
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
 USAGE = __doc__.split("\n", 2)[2]
 USER_ERRORS = (ValueError, TrackingError, FileNotFoundError)
 
@@ -70,31 +69,34 @@ def first_job(overrides: list[str]) -> list[str]:
 
 
 def precheck(overrides: list[str]) -> str | None:
+    """``checked_config`` as a one-line problem, or None."""
+    try:
+        checked_config(overrides)
+    except Exception as e:  # Hydra's errors span lines; the user gets the gist in one
+        return one_line(e).split(" Config search path")[0]
+    return None
+
+
+def checked_config(overrides: list[str]) -> DictConfig:
     """Compose the config (first value of any sweep) and build the model on the meta device, so a
-    typo or an impossible spec fails in one line before Hydra starts any job."""
+    typo or an impossible spec fails before Hydra starts any job."""
     import torch
-    from hydra import compose, initialize_config_dir
 
     from research.config import model_config, precision_of
-    from research.grid import searchpath_override
+    from research.grid import compose_run
     from research.model import Transformer
     from research.slurm import launcher
     from research.strategies import make_strategy
     from research.train import deterministic
 
-    try:
-        job_overrides = first_job(overrides)
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=[searchpath_override(), *job_overrides])
-        precision_of(cfg)
-        make_strategy(cfg.trainer)
-        deterministic(cfg.trainer)
-        launcher(cfg)
-        with torch.device("meta"):
-            Transformer(model_config(cfg, vocab_size=256))
-    except Exception as e:  # Hydra's errors span lines; the user gets the gist in one
-        return one_line(e).split(" Config search path")[0]
-    return None
+    cfg = compose_run(first_job(overrides))
+    precision_of(cfg)
+    make_strategy(cfg.trainer)
+    deterministic(cfg.trainer)
+    launcher(cfg)
+    with torch.device("meta"):
+        Transformer(model_config(cfg, vocab_size=256))
+    return cfg
 
 
 # Hydra's flags that take a value as the next word.
@@ -130,19 +132,20 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _train(rest: list[str]) -> None:
-    from research.grid import compose_run, searchpath_override, submit_run
+    from research.grid import searchpath_override, submit_run
     from research.slurm import launcher
 
     flags, overrides = split_flags(rest)
     if not any(f.split("=")[0] in INSPECT_FLAGS for f in flags):
-        fail_if(precheck(overrides))
-        job = first_job(overrides)
-        cfg = compose_run(job)
+        try:
+            cfg = checked_config(overrides)
+        except Exception as e:
+            fail_if(one_line(e).split(" Config search path")[0])
         if launcher(cfg) == "slurm":  # one run with a Slurm profile becomes a Slurm job
             several = any(f in ("-m", "--multirun") for f in flags)
             fail_if("several runs on Slurm go in a grid: lab grid NAME cluster=PROFILE" if several else None)
             try:
-                return submit_run(cfg, job)
+                return submit_run(cfg, first_job(overrides))
             except USER_ERRORS as e:
                 fail_if(one_line(e))
     # argv[0] stays the real program: Lightning's DDP launcher re-runs it for the other ranks.
@@ -257,17 +260,14 @@ def _status(rest: list[str]) -> None:
 
 
 def _server(rest: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
-
+    from research.grid import compose_run
     from research.server import serve
 
     if rest[:1] in (["-h"], ["--help"]):
         print("lab server [tracking.server.KEY=VALUE ...]: run the MLflow tracking server of conf/tracking")
         return
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=rest)
-        serve(cfg.tracking.server)
+        serve(compose_run(rest).tracking.server)
     except Exception as e:
         fail_if(one_line(e).split(" Config search path")[0])
 

@@ -50,13 +50,18 @@ def available() -> list[str]:
     return sorted({p.stem for r in search_roots() for p in (r / "ablations").glob("*.yaml")})
 
 
-def compose_grid(name: str, overrides: list[str]) -> DictConfig:
+def compose_run(overrides: list[str]) -> DictConfig:
+    """The config ``lab train OVERRIDES`` runs (grid files and ./cluster profiles found too)."""
     from hydra import compose, initialize_config_module
 
+    with initialize_config_module("research.conf", version_base="1.3"):
+        return compose("train", overrides=[searchpath_override(), *overrides])
+
+
+def compose_grid(name: str, overrides: list[str]) -> DictConfig:
     if name not in available():
         raise spec_error("grid", name, available())
-    with initialize_config_module("research.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"ablations={name}", searchpath_override(), *overrides])
+    cfg = compose_run([f"ablations={name}", *overrides])
     ok = "grid" in cfg and ("params" in cfg.grid or "arms" in cfg.grid)
     require(ok, f"ablations/{name}.yaml", "no grid.params or grid.arms", "a grid node with one of them")
     return cfg
@@ -97,11 +102,7 @@ def expand(name: str, cfg: DictConfig, overrides: list[str]) -> list[Job]:
 
 
 def job_hash(job: Job) -> str:
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("research.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[searchpath_override(), *job.overrides])
-    return tracking.config_hash(cfg)
+    return tracking.config_hash(compose_run(job.overrides))
 
 
 def _previous_runs(uri: str, experiment: str) -> tuple[set[str], dict[str, Path]]:
@@ -151,13 +152,6 @@ def run_grid(
     else:
         _run_locally(name, cfg, todo, grid_dir, jobs, gpus)
     return grid_dir
-
-
-def compose_run(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("research.conf", version_base="1.3"):
-        return compose("train", overrides=[searchpath_override(), *overrides])
 
 
 def submit_run(cfg: DictConfig, overrides: list[str]) -> None:

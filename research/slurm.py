@@ -125,15 +125,12 @@ def link_logs(run_dir: Path) -> None:
 
 def run_grid_job(overrides: list[str], run_dir: str) -> float | None:
     """One grid run in its Slurm task(s): the same config ``lab train OVERRIDES`` would compose."""
-    from hydra import compose, initialize_config_module
-
     from research import preemption
     from research.cli import quiet
-    from research.grid import searchpath_override
+    from research.grid import compose_run
     from research.train import train
 
-    with initialize_config_module("research.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[searchpath_override(), *overrides])
+    cfg = compose_run(overrides)
     preemption.install(cfg.trainer.requeue_signal)  # before anything slow: its default action kills
     quiet()
     link_logs(Path(run_dir))
@@ -218,6 +215,7 @@ def status(name: str, uri: str | None = None) -> list[dict[str, str]]:
     jobs = [Submitted(**j) for j in record["jobs"]]
     states = job_states([j.job_id for j in jobs])
     client = MlflowClient(tracking_uri=uri or "sqlite:///mlruns.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
     rows = []
     for j in jobs:
         query = (
@@ -225,7 +223,7 @@ def status(name: str, uri: str | None = None) -> list[dict[str, str]]:
             if record["kind"] == "grid"
             else f"tags.`slurm.job_id` = '{j.job_id}'"
         )
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()], query)
+        runs = client.search_runs(experiments, query)
         rows.append({"job": j.job_id, "what": j.label, "state": states.get(j.job_id, "UNKNOWN"),
                      "runs": " ".join(f"{r.info.run_id[:8]} {r.info.status}" for r in runs) or "-",
                      "log": j.log})  # fmt: skip

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from components.registry import require, spec_error
 from research import metrics as M
 from research import preemption, slurm
-from research.grid import REPO_ROOT, searchpath_override
+from research.grid import REPO_ROOT, compose_run
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 DIRECTIONS = ("minimize", "maximize")
@@ -244,11 +244,8 @@ class ReportToTrial(L.Callback):
 
 
 def _trial_config(spec: SweepSpec, trial_overrides: list[str]):
-    from hydra import compose, initialize_config_module
-
     overrides = [*spec.overrides, *trial_overrides, f"tracking.experiment={spec.experiment}"]
-    with initialize_config_module("research.conf", version_base="1.3"):
-        return compose("train", overrides=[searchpath_override(), *overrides]), overrides
+    return compose_run(overrides), overrides
 
 
 def objective(trial: optuna.Trial, spec: SweepSpec, parent_run_id: str, out_dir: Path) -> list[float]:

@@ -63,6 +63,19 @@ class RecordRunId(L.Callback):
         checkpoint["config_hash"] = self.config_hash
 
 
+def build(cfg: DictConfig) -> tuple[LMDataModule, LitLM]:
+    """The seeded data and LightningModule a config describes, precision recipe applied."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = LMDataModule(cfg.data, seed=cfg.seed)
+    corpus = data.prepare()
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    module = LitLM(
+        model_config(cfg, corpus.vocab_size), optim, torch.from_numpy(corpus.token_bytes), linear_factory(cfg)
+    )
+    apply_precision_recipe(module.model, cfg)
+    return data, module
+
+
 @dataclass
 class TrainResult:
     run_id: str  # the MLflow run
@@ -87,15 +100,8 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = precision_of(cfg)
     tracking.ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)  # a dead store fails here
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls on GPUs that have it
-    data = LMDataModule(cfg.data, seed=cfg.seed)
-    corpus = data.prepare()
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    module = LitLM(
-        model_config(cfg, corpus.vocab_size), optim, torch.from_numpy(corpus.token_bytes), linear_factory(cfg)
-    )
-    apply_precision_recipe(module.model, cfg)
+    data, module = build(cfg)
     logger = tracking.make_logger(cfg, run_dir, overrides or [], resume.run_id if resume else None, tags)
 
     t = cfg.trainer
