@@ -31,14 +31,14 @@ ARMS = {
 BASE = ["model=base", "precision=bf16", "data.seq_len=2048", "data.batch_size=8", "data.val_tokens=65536"]
 
 
-def run_arm(overrides: list[str], steps: int) -> dict[str, float]:
+def run_arm(overrides: list[str], steps: int, callbacks: list[L.Callback] = ()) -> dict[str, float]:
     """Train ``steps`` steps of BASE + ``overrides`` (``trainer=ddp trainer.devices=2`` for several
     GPUs: Lightning starts the other ranks by running this command again); rank 0's metrics."""
     with initialize_config_module("research.conf", version_base="1.3"):
         cfg = compose("train", overrides=[*BASE, *overrides, f"trainer.max_steps={steps}"])
     data, module = build(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        callbacks = [PerfMonitor(5, cfg.data.seq_len), MoEMonitor(), DivergenceGuard()]
+        callbacks = [PerfMonitor(5, cfg.data.seq_len), MoEMonitor(), DivergenceGuard(), *callbacks]
         trainer = L.Trainer(
             accelerator="gpu",
             strategy=make_strategy(cfg.trainer),

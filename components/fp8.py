@@ -36,14 +36,22 @@ PATHS = ("auto", "scaled_mm", "emulated")
 
 
 def _scale_of(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
-    """Decoding scale of a tile: max-abs maps onto E4M3's largest value (an all-zero tile gets the
-    smallest normal float, so it still decodes to zeros)."""
-    scale = amax.float().clamp(min=torch.finfo(torch.float32).tiny) / E4M3_MAX
-    return torch.exp2(torch.ceil(torch.log2(scale))) if pow2 else scale
+    """Decoding scale of a tile: max-abs maps onto E4M3's largest value. Never below the smallest
+    normal float, so an all-zero tile still decodes to zeros and no kernel meets a subnormal scale.
+    ``pow2`` rounds it up to a power of two on its bits (exact, unlike ``exp2(ceil(log2))``): add
+    a mantissa's worth, keep the exponent."""
+    scale = (amax.float() / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    if pow2:
+        scale = ((scale.view(torch.int32) + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    return scale
 
 
 def _cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def pad_to_tiles(x: torch.Tensor, rows: int = 1) -> torch.Tensor:
@@ -114,6 +122,29 @@ def scaled_mm_available(device: torch.device) -> bool:
 
 
 # --- the linear ----------------------------------------------------------------------------------
+# Each operand is quantised once, in every layout its GEMMs need, and kept for the backward:
+#   x  -> row tiles along K (forward)      and, for the wgrad, x.T's row tiles along M
+#   W  -> 128x128 blocks (forward)         and W.T in the same blocks, contiguous (dgrad)
+#   dy -> row tiles along N (dgrad)        and dy.T's row tiles along M (wgrad)
+# On the GPU one Triton pass writes both layouts of x and of dy. Padding (to whole tiles, and to
+# whole 128-token tiles where the tokens are a reduction dimension) is zeros, written in that pass.
+
+
+def quantize_activation(x: torch.Tensor, pow2: bool = False, transposed: bool = False):
+    """x [M, K] (rounded to bf16 first, as activations are under autocast; it halves the bytes
+    the kernel reads) -> (q [M', K'], s [M', K'/128]) in 1x128 tiles along K, and with ``transposed``
+    also (qt [K', M'], st [K', M'/128]), x.T in 1x128 tiles along M (else None, None). K' pads K
+    to 128; M' pads M to 128 with ``transposed`` (M is then reduced over), else to ROWS."""
+    xp = pad_to_tiles(x.to(torch.bfloat16), TILE if transposed else ROWS)
+    q, s = quantize_tiles(xp, pow2)
+    return (q, s, *quantize_tiles(xp.t(), pow2)) if transposed else (q, s, None, None)
+
+
+def quantize_weight(w: torch.Tensor, pow2: bool = False):
+    """w [N, K] -> (q [N', K'], s [N'/128, K'/128], qt [K', N']): 128x128 blocks, and the same
+    blocks transposed into a contiguous W.T (the dgrad's second operand; its scales are s.T)."""
+    q, s = quantize_blocks(pad_to_tiles(w, TILE), pow2)
+    return q, s, q.t().contiguous()
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -121,37 +152,39 @@ class _FP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, linear: FP8Linear) -> torch.Tensor:
         M, N = x.shape[0], weight.shape[0]
         out_dtype = torch.bfloat16 if linear.path == "scaled_mm" else torch.float32
-        gemm = linear.gemm
-        xq, xs = linear.quantize_tiles(pad_to_tiles(x, ROWS))
-        wq, ws = linear.quantize_blocks(pad_to_tiles(weight, TILE))
-        y = gemm(xq, xs, wq, ws, True, out_dtype)[:M, :N]
-        ctx.save_for_backward(x, weight)
-        ctx.linear, ctx.in_dtype = linear, x.dtype
-        ctx.w_quantized = (wq, ws)  # the dgrad reuses the forward's blocks (transposed)
+        fp8_dgrad = linear.dgrad == "fp8" and x.requires_grad
+        fp8_wgrad = linear.wgrad == "fp8" and weight.requires_grad
+        xq, xs, xtq, xts = linear.quantize_activation(x, fp8_wgrad)
+        wq, ws, wtq = linear.quantize_weight(weight)
+        y = linear.gemm(xq, xs, wq, ws, True, out_dtype)[:M, :N]
+        # Keep what the backward reads: x.T's tiles instead of x (half the bytes) for an FP8
+        # wgrad, W.T's blocks for an FP8 dgrad, the high-precision tensors only for bf16 GEMMs.
+        ctx.save_for_backward(
+            *((xtq, xts) if fp8_wgrad else (x, None)), *((wtq, ws) if fp8_dgrad else (None, None)), weight
+        )
+        ctx.linear, ctx.in_dtype, ctx.K = linear, x.dtype, x.shape[1]
+        ctx.fp8_dgrad, ctx.fp8_wgrad = fp8_dgrad, fp8_wgrad
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x_saved, xts, wtq, ws, weight = ctx.saved_tensors
         linear: FP8Linear = ctx.linear
-        M, K = x.shape
-        N = weight.shape[0]
+        M, K, N = dy.shape[0], ctx.K, weight.shape[0]
         dx = dw = None
         out_dtype = torch.bfloat16 if linear.path == "scaled_mm" else torch.float32
+        if ctx.fp8_dgrad or ctx.fp8_wgrad:
+            dyq, dys, dytq, dyts = linear.quantize_activation(dy, ctx.fp8_wgrad)
         if ctx.needs_input_grad[0]:
-            if linear.dgrad == "fp8":
-                wq, ws = ctx.w_quantized  # [N', K'] blocks -> W.T [K', N'] blocks, scales transposed
-                dyq, dys = linear.quantize_tiles(pad_to_tiles(dy, ROWS))
-                dx = linear.gemm(dyq, dys, wq.t().contiguous(), ws.t(), True, out_dtype)[:M, :K]
+            if ctx.fp8_dgrad:  # dy tiles along N x W.T blocks (the forward's, transposed)
+                dx = linear.gemm(dyq, dys, wtq, ws.t(), True, out_dtype)[:M, :K]
             else:
                 dx = dy.to(torch.bfloat16) @ weight.to(torch.bfloat16)
         if ctx.needs_input_grad[1]:
-            if linear.wgrad == "fp8":  # reduction over tokens: both operands tiled along M
-                dytq, dyts = linear.quantize_tiles(pad_to_tiles(dy.t(), TILE))
-                xtq, xts = linear.quantize_tiles(pad_to_tiles(x.t(), TILE))
-                dw = linear.gemm(dytq, dyts, xtq, xts, False, torch.float32)[:N, :K]
+            if ctx.fp8_wgrad:  # reduction over tokens: dy.T and x.T both tiled along M
+                dw = linear.gemm(dytq, dyts, x_saved, xts, False, torch.float32)[:N, :K]
             else:
-                dw = dy.t().to(torch.bfloat16) @ x.to(torch.bfloat16)
+                dw = dy.t().to(torch.bfloat16) @ x_saved.to(torch.bfloat16)
         return (
             None if dx is None else dx.to(ctx.in_dtype),
             None if dw is None else dw.to(weight.dtype),
@@ -185,19 +218,19 @@ class FP8Linear(nn.Module):
             require(fast, "precision.path", "scaled_mm", "auto or emulated on a device without FP8 GEMMs")
         return "scaled_mm" if self.requested_path != "emulated" and fast else "emulated"
 
-    def quantize_tiles(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_activation(self, x: torch.Tensor, transposed: bool):
         if self.path == "scaled_mm":
-            from components.fp8_triton import quantize_tiles_triton
+            from components.fp8_triton import quantize_activation_triton
 
-            return quantize_tiles_triton(x, self.pow2)
-        return quantize_tiles(x, self.pow2)
+            return quantize_activation_triton(x, self.pow2, transposed)
+        return quantize_activation(x, self.pow2, transposed)
 
-    def quantize_blocks(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_weight(self, w: torch.Tensor):
         if self.path == "scaled_mm":
-            from components.fp8_triton import quantize_blocks_triton
+            from components.fp8_triton import quantize_weight_triton
 
-            return quantize_blocks_triton(w, self.pow2)
-        return quantize_blocks(w, self.pow2)
+            return quantize_weight_triton(w, self.pow2)
+        return quantize_weight(w, self.pow2)
 
     def gemm(self, a, sa, b, sb, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
         fn = _gemm_scaled_mm if self.path == "scaled_mm" else _gemm_emulated
