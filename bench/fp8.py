@@ -27,6 +27,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import triton
+import triton.language as tl
 
 from components.fp8 import (
     E4M3,
@@ -156,6 +158,23 @@ def linear(tokens: int = 16384) -> None:
               f"{flops / t_bf16 / 1e9:>14.0f}{flops / t_fp8 / 1e9:>13.0f}")  # fmt: skip
 
 
+# A candidate for the W.T copy (torch's generic copy moves single bytes slowly): the FP8 bytes
+# transposed tile by tile as uint8. Bench-only until `--part kernels` shows it exact and faster.
+@triton.jit
+def _transpose_bytes_kernel(src, dst, R, C, B: tl.constexpr):
+    rows = tl.program_id(0) * B + tl.arange(0, B)
+    cols = tl.program_id(1) * B + tl.arange(0, B)
+    tile = tl.load(src + rows[:, None] * C + cols[None, :])
+    tl.store(dst + cols[:, None] * R + rows[None, :], tl.trans(tile))
+
+
+def transpose_fp8(q: torch.Tensor, block: int = 64) -> torch.Tensor:
+    R, C = q.shape  # multiples of 128, as every quantised weight is
+    out = torch.empty(C, R, dtype=q.dtype, device=q.device)
+    _transpose_bytes_kernel[(R // block, C // block)](q.view(torch.uint8), out.view(torch.uint8), R, C, block)
+    return out
+
+
 def kernels(tokens: int = 16384) -> None:
     """Each quantisation pass alone, against the memory bandwidth it could reach (they are
     memory-bound: the bytes read and written are all the work)."""
@@ -174,7 +193,13 @@ def kernels(tokens: int = 16384) -> None:
             "x.T alone from a strided read": (bind(act, x.t()), 3 * n),
             "W and W.T: blocks + fp8 transpose": (bind(quantize_weight_triton, w), 7 * w.numel()),
             "fp8 transpose alone (torch copy)": (q.t().contiguous, 2 * q.numel()),
+            "fp8 transpose alone (Triton, 64x64)": (bind(transpose_fp8, q), 2 * q.numel()),
+            "fp8 transpose alone (Triton, 128x128)": (bind(transpose_fp8, q, 128), 2 * q.numel()),
         }
+        reference = q.t().contiguous().view(torch.uint8)
+        for block in (64, 128):
+            exact = torch.equal(transpose_fp8(q, block).view(torch.uint8), reference)
+            print(f"{'Triton fp8 transpose ' + str(block) + ' exact':<40}{d:>6}{exact!s:>9}")
         for name, (fn, nbytes) in passes.items():
             ms = _time_ms(fn)
             print(f"{name:<40}{d:>6}{ms:>9.3f}{nbytes / ms / 1e6:>8.0f}")
