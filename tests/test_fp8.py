@@ -163,3 +163,36 @@ def test_fp8_expert_weight_gradients_tile_tokens_within_each_expert():
     assert rel(got[2], ref[2]) < 0.06  # expert 2's tiles never share a scale with expert 0's rows
     assert rel(got[0], ref[0]) < 0.06
     assert torch.equal(got[1], torch.zeros_like(got[1]))  # no tokens, no gradient
+
+
+def test_projections_reading_one_input_quantise_it_once_and_match_separate_inputs(monkeypatch):
+    import components.fp8 as fp8
+
+    torch.manual_seed(2)
+    calls = []
+    real = fp8.quantize_activation
+    monkeypatch.setattr(fp8, "quantize_activation", lambda *a: calls.append(1) or real(*a))
+    gate, up = FP8Linear(256, 384, path="emulated"), FP8Linear(256, 384, path="emulated")
+    x = torch.randn(2, 64, 256, requires_grad=True)
+    out = gate(x) * up(x)  # SwiGLU's pattern: one input, two projections
+    assert len(calls) == 1
+    out.sum().backward()
+    assert len(calls) == 3  # plus each layer's output gradient
+    grads = (x.grad, gate.weight.grad, up.weight.grad)
+
+    # Two equal but distinct tensors: quantised twice, and every gradient is the same.
+    gate.weight.grad = up.weight.grad = None
+    x1, x2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    calls.clear()
+    (gate(x1) * up(x2)).sum().backward()
+    assert len(calls) == 4
+    assert torch.equal(x1.grad + x2.grad, grads[0])
+    assert torch.equal(gate.weight.grad, grads[1]) and torch.equal(up.weight.grad, grads[2])
+
+    # Changed in place between two reads: quantised again (doubling is exact in E4M3: the scales double).
+    with torch.no_grad():
+        calls.clear()
+        y = torch.randn(8, 256)
+        before = up(y)
+        y.mul_(2)
+        assert torch.equal(up(y), 2 * before) and len(calls) == 2
