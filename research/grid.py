@@ -170,6 +170,7 @@ def submit_run(cfg: DictConfig, overrides: list[str]) -> None:
 
 def _submit(cfg: DictConfig, name: str, todo: list[Job], grid_dir: Path, wait: bool) -> None:
     from research import slurm
+    from research.slurm_entry import SlurmEntry
 
     if not todo:
         return
@@ -178,7 +179,7 @@ def _submit(cfg: DictConfig, name: str, todo: list[Job], grid_dir: Path, wait: b
                                    cfg.trainer.requeue_signal)  # fmt: skip
     positions = [str(i) for i in range(len(todo))]
     array = executor.map_array(
-        slurm.run_grid_job,
+        SlurmEntry("research.slurm:run_grid_job", cfg.trainer.requeue_signal),
         [[*j.overrides, "trainer.progress_bar=false"] for j in todo],
         [str(j.run_dir.resolve()) for j in todo],
     )

@@ -24,6 +24,7 @@ import lightning as L
 import torch
 
 from components.registry import require
+from research import slurm_entry
 
 _requested = False
 
@@ -43,6 +44,8 @@ def install(name: str) -> None:
     signum = getattr(signal, f"SIG{name}", None)
     require(isinstance(signum, signal.Signals), "trainer.requeue_signal", name, "USR1, USR2, TERM, ...")
     signal.signal(signum, _on_signal)
+    if slurm_entry.held():  # it came while the task was still starting
+        _on_signal(signum, None)
 
 
 def requested() -> bool:

@@ -131,7 +131,7 @@ def run_grid_job(overrides: list[str], run_dir: str) -> float | None:
     from research.train import train
 
     cfg = compose_run(overrides)
-    preemption.install(cfg.trainer.requeue_signal)  # before anything slow: its default action kills
+    preemption.install(cfg.trainer.requeue_signal)  # takes over from SlurmEntry's hold
     quiet()
     link_logs(Path(run_dir))
     try:

@@ -31,6 +31,7 @@ from components.registry import require, spec_error
 from research import metrics as M
 from research import preemption, slurm
 from research.grid import REPO_ROOT, compose_run
+from research.slurm_entry import SlurmEntry
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 DIRECTIONS = ("minimize", "maximize")
@@ -336,7 +337,8 @@ def _submit_workers(spec: SweepSpec, cfg: Any, quotas: list[int], parent: str, o
     executor = slurm.make_executor(cfg.cluster, folder / "slurm", f"lab-sweep-{spec.name}",
                                    cfg.trainer.requeue_signal)  # fmt: skip
     n = len(quotas)
-    jobs = executor.map_array(_slurm_worker, [spec] * n, list(range(n)), quotas, [parent] * n, [out_dir] * n)
+    worker = SlurmEntry("research.sweep:_slurm_worker", cfg.trainer.requeue_signal)
+    jobs = executor.map_array(worker, [spec] * n, list(range(n)), quotas, [parent] * n, [out_dir] * n)
     submitted = [
         slurm.Submitted(i, f"worker {i}: {q} trials", job.job_id, str(out_dir), str(job.paths.stdout))
         for i, (q, job) in enumerate(zip(quotas, jobs, strict=True))

@@ -113,6 +113,27 @@ def test_sweep_workers_run_as_slurm_jobs_on_one_journal_storage(tmp_path, shared
 # --- without Slurm -----------------------------------------------------------------------------
 
 
+def test_a_warning_signal_during_start_up_is_held_and_then_honoured(monkeypatch):
+    # Slurm may signal up to a minute early, while the task still imports torch: the entry object
+    # starts holding the signal as soon as it is unpickled in the task.
+    import pickle
+
+    from research import preemption, slurm_entry
+
+    monkeypatch.setattr(slurm_entry, "_held", False)
+    monkeypatch.setattr(preemption, "_requested", False)
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        entry = pickle.loads(pickle.dumps(slurm_entry.SlurmEntry("os.path:join", "USR1")))
+        os.kill(os.getpid(), signal.SIGUSR1)  # its default action would end this process
+        assert slurm_entry.held() and not preemption.requested()
+        preemption.install("USR1")
+        assert preemption.requested()  # the first step boundary checkpoints and requeues
+        assert entry("a", "b") == os.path.join("a", "b")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_sqlite_storage_is_refused_for_slurm_workers(tmp_path, shared_cache):
     write_sweep(tmp_path, "nosqlite", budget={"n_trials": 2})
     proc = run_lab(tmp_path, "sweep", "nosqlite", "cluster=slurm_local", "--storage", "sqlite:///o.db")
