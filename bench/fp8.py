@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -330,13 +331,16 @@ def parity_run(variant: str, steps: int, out: str) -> None:
 
 def parity(steps: int, variants: list[str], budget_s: float) -> None:
     deadline = time.monotonic() + budget_s
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # the arms are spread over every GPU there is
+    gpus = visible.split(",") if visible else [str(k) for k in range(torch.cuda.device_count())]
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}
         for i, name in enumerate(variants):
             cmd = [sys.executable, "-m", "bench.fp8", "--part", "parity-run", "--variant", name,
                    "--steps", str(steps), "--out", f"{tmp}/{i}.json"]  # fmt: skip
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
             with open(f"{tmp}/{i}.err", "w") as err:
-                procs[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+                procs[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
         final = {}
         for i, (name, proc) in enumerate(procs.items()):
             try:
@@ -349,7 +353,7 @@ def parity(steps: int, variants: list[str], budget_s: float) -> None:
                 print(f"{name}: failed\n" + Path(f"{tmp}/{i}.err").read_text()[-2000:])
                 continue
             final[name] = json.loads(Path(f"{tmp}/{i}.json").read_text())
-    print(f"loss parity: {' '.join(PARITY)}, {steps} steps")
+    print(f"loss parity: {' '.join(PARITY)}, {steps} steps, {len(variants)} arms on {len(gpus)} GPU(s)")
     print(f"{'':<22}{'seed':>5}{'val/loss':>10}{'rel. err':>10}{'train, last 100':>17}{'rel. err':>10}  vs")
     for name, m in final.items():
         _, seed, ref_name = PARITY_VARIANTS[name]
