@@ -140,11 +140,12 @@ def quantize_activation(x: torch.Tensor, pow2: bool = False, transposed: bool = 
     return (q, s, *quantize_tiles(xp.t(), pow2)) if transposed else (q, s, None, None)
 
 
-def quantize_weight(w: torch.Tensor, pow2: bool = False):
-    """w [N, K] -> (q [N', K'], s [N'/128, K'/128], qt [K', N']): 128x128 blocks, and the same
-    blocks transposed into a contiguous W.T (the dgrad's second operand; its scales are s.T)."""
+def quantize_weight(w: torch.Tensor, pow2: bool = False, transposed: bool = True):
+    """w [N, K] -> (q [N', K'], s [N'/128, K'/128], qt [K', N']): 128x128 blocks, and with
+    ``transposed`` the same blocks in a contiguous W.T (the dgrad's second operand; its scales
+    are s.T), else None."""
     q, s = quantize_blocks(pad_to_tiles(w, TILE), pow2)
-    return q, s, q.t().contiguous()
+    return q, s, q.t().contiguous() if transposed else None
 
 
 # The input most recently quantised by an FP8Linear, and its quantisation (see quantized_input).
@@ -159,7 +160,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         fp8_dgrad = linear.dgrad == "fp8" and x.requires_grad
         xq, xs, xtq, xts = x_quantized
         fp8_wgrad = xtq is not None
-        wq, ws, wtq = linear.quantize_weight(weight)
+        wq, ws, wtq = linear.quantize_weight(weight, fp8_dgrad)
         y = linear.gemm(xq, xs, wq, ws, True, out_dtype)[:M, :N]
         # Keep what the backward reads: x.T's tiles instead of x (half the bytes) for an FP8
         # wgrad, W.T's blocks for an FP8 dgrad, the high-precision tensors only for bf16 GEMMs.
@@ -231,12 +232,12 @@ class FP8Linear(nn.Module):
             return quantize_activation_triton(x, self.pow2, transposed)
         return quantize_activation(x, self.pow2, transposed)
 
-    def quantize_weight(self, w: torch.Tensor):
+    def quantize_weight(self, w: torch.Tensor, transposed: bool):
         if self.path == "scaled_mm":
             from components.fp8_triton import quantize_weight_triton
 
-            return quantize_weight_triton(w, self.pow2)
-        return quantize_weight(w, self.pow2)
+            return quantize_weight_triton(w, self.pow2, transposed)
+        return quantize_weight(w, self.pow2, transposed)
 
     def gemm(self, a, sa, b, sb, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
         fn = _gemm_scaled_mm if self.path == "scaled_mm" else _gemm_emulated

@@ -86,7 +86,7 @@ def quantize_activation_triton(x: torch.Tensor, pow2: bool = False, transposed: 
     return q, s, qt, st
 
 
-def quantize_weight_triton(w: torch.Tensor, pow2: bool = False):
+def quantize_weight_triton(w: torch.Tensor, pow2: bool = False, transposed: bool = True):
     """As ``components.fp8.quantize_weight``. The weights are small next to the activations: W.T is
     a plain copy of the quantised blocks (a transpose fused into this kernel miscompiled for fp32
     weights on the Triton we ship with, so it stays out)."""
@@ -95,7 +95,7 @@ def quantize_weight_triton(w: torch.Tensor, pow2: bool = False):
     q = torch.empty(R, C, dtype=E4M3, device=w.device)
     s = torch.empty(R // TILE, C // TILE, device=w.device)
     _quantize_blocks_kernel[(R // TILE, C // TILE)](w, q, s, C, pow2, num_warps=8)
-    return q, s, q.t().contiguous()
+    return q, s, q.t().contiguous() if transposed else None
 
 
 __all__ = ["quantize_activation_triton", "quantize_weight_triton"]
