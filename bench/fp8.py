@@ -204,6 +204,27 @@ def kernels(tokens: int = 16384) -> None:
         for name, (fn, nbytes) in passes.items():
             ms = _time_ms(fn)
             print(f"{name:<40}{d:>6}{ms:>9.3f}{nbytes / ms / 1e6:>8.0f}")
+        _gemms_alone(tokens, d)
+
+
+def _gemms_alone(tokens: int, d: int) -> None:
+    """The three GEMMs of one fwd+bwd one by one, each beside bf16's, in TFLOP/s."""
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(d, d, device="cuda", dtype=torch.bfloat16)
+    (xq, xs, xtq, xts), (wq, ws, wtq), (gq, gs, gtq, gts) = _quantize_all(x, w.float(), x)
+    mm, bind, flops = _gemm_scaled_mm, functools.partial, 2 * tokens * d * d
+    bf16, fp32 = torch.bfloat16, torch.float32
+    wgrad_bf16 = bind(torch.mm, x.t(), x)
+    gemms = {  # name: (fp8 GEMM, the same product in bf16)
+        "forward 1x128 x 128x128 -> bf16": (bind(mm, xq, xs, wq, ws, True, bf16), bind(torch.mm, x, w.t())),
+        "dgrad   1x128 x 128x128 -> bf16": (bind(mm, gq, gs, wtq, ws.t(), True, bf16), bind(torch.mm, x, w)),
+        "wgrad   1x128 x 1x128   -> fp32": (bind(mm, gtq, gts, xtq, xts, False, fp32), wgrad_bf16),
+        "wgrad   1x128 x 1x128   -> bf16": (bind(mm, gtq, gts, xtq, xts, False, bf16), wgrad_bf16),
+    }
+    print(f"{'GEMM, ' + str(tokens) + ' tokens':<40}{'d':>6}{'fp8 TF/s':>10}{'bf16 TF/s':>11}{'ratio':>7}")
+    for name, (fp8, bf16) in gemms.items():
+        t8, t16 = _time_ms(fp8), _time_ms(bf16)
+        print(f"{name:<40}{d:>6}{flops / t8 / 1e9:>10.0f}{flops / t16 / 1e9:>11.0f}{t16 / t8:>6.2f}x")
 
 
 def profile(d: int = 2048, tokens: int = 16384) -> None:
