@@ -247,6 +247,8 @@ class FP8Linear(nn.Module):
         """``quantize_activation(rows)``, reusing the last FP8Linear's result when it read this
         very tensor (SwiGLU's gate and up, MHA's q/k/v and MLA's two down-projections share one
         input): one pass over it instead of two or three."""
+        if x.is_inference():  # no version counter to key on (and no backward to feed)
+            return self.quantize_activation(rows, transposed)
         key = (x._version, transposed, self.pow2, self.path)
         if _last_input.get("x") is x and _last_input["key"] == key:
             return _last_input["value"]
