@@ -6,8 +6,8 @@ against bf16, whole training steps, and loss parity over a long run.
     python -m bench.fp8 --part linear   # FP8Linear fwd+bwd vs bf16 nn.Linear, tokens 16384
     python -m bench.fp8 --part step     # training steps: bf16 vs fp8 vs fp8_rowwise (torchao)
     python -m bench.fp8 --part parity [--steps 1000]   # the same run in bf16 and fp8 (and controls),
-                                                       # all at once on one GPU: final losses
-    python -m bench.fp8 --part kernels  # each quantisation pass alone: ms and GB/s
+                                                       # all at once, spread over the GPUs: final losses
+    python -m bench.fp8 --part kernels  # each quantisation pass alone (ms, GB/s); each GEMM vs bf16
     python -m bench.fp8 --part profile  # where an FP8Linear fwd+bwd spends its CPU and GPU time
 
 Needs torch, Lightning, Triton and the Hydra wheels (and torchao for the fp8_rowwise rows).
