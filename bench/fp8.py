@@ -41,13 +41,12 @@ from components.fp8 import (
     quantize_tiles,
     quantize_weight,
 )
+from components.fp8_triton import _cast, _scale, quantize_activation_triton, quantize_weight_triton
 from research import metrics as M
 
 
 def check() -> None:
     """Prints the comparisons; exits non-zero if a kernel is not bit-exact or a result is off."""
-    from components.fp8_triton import quantize_activation_triton, quantize_weight_triton
-
     torch.manual_seed(0)
     failed = False
     print("quantiser (Triton vs torch reference)          values equal   scales equal")
@@ -126,8 +125,6 @@ def _fwd_bwd(layer, x, grad):
 
 def _quantize_all(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor):
     """Every quantisation pass of one fwd+bwd: x and dy in both layouts, W and W.T."""
-    from components.fp8_triton import quantize_activation_triton, quantize_weight_triton
-
     act = functools.partial(quantize_activation_triton, pow2=False, transposed=True)
     return act(x), quantize_weight_triton(w), act(dy)
 
@@ -176,11 +173,74 @@ def transpose_fp8(q: torch.Tensor, block: int = 64) -> torch.Tensor:
     return out
 
 
+# Candidates for the activation pass (bench-only until `--part kernels` shows them exact and
+# faster): the row tiles and x.T's tiles as two lean launches instead of one 128x128 program.
+@triton.jit
+def _rows_kernel(x_ptr, q_ptr, s_ptr, M, K, BR: tl.constexpr, TILES: tl.constexpr):
+    # BR rows x TILES 1x128 tiles -> q [M, K] and scales [M, K/128] column-major.
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * TILES * 128 + tl.arange(0, TILES * 128)
+    x = tl.reshape(tl.load(x_ptr + rows[:, None] * K + cols[None, :]).to(tl.float32), (BR, TILES, 128))
+    scale = _scale(tl.max(tl.abs(x), axis=2), False)  # [BR, TILES]
+    y = tl.reshape(tl.math.div_rn(x, scale[:, :, None]), (BR, TILES * 128))
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv))
+    tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    tl.store(s_ptr + tiles[None, :] * M + rows[:, None], scale)
+
+
+@triton.jit
+def _cols_kernel(x_ptr, qt_ptr, st_ptr, M, K, BC: tl.constexpr):
+    # 128 rows x BC columns -> x.T's 1x128 tiles: qt [K, M], scales [K, M/128] column-major.
+    rows = tl.program_id(0) * 128 + tl.arange(0, 128)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    xt = tl.trans(tl.load(x_ptr + rows[:, None] * K + cols[None, :])).to(tl.float32)  # [BC, 128]
+    scale = _scale(tl.max(tl.abs(xt), axis=1), False)
+    tl.store(qt_ptr + cols[:, None] * M + rows[None, :], _cast(xt, scale[:, None]))
+    tl.store(st_ptr + tl.program_id(0) * K + cols, scale)
+
+
+def quantize_rows(x: torch.Tensor, br: int, tiles: int, warps: int):
+    M, K = x.shape  # M a multiple of br, K of 128 * tiles
+    q = torch.empty(M, K, dtype=E4M3, device=x.device)
+    s = torch.empty(K // 128, M, device=x.device).t()
+    _rows_kernel[(M // br, K // (128 * tiles))](x, q, s, M, K, br, tiles, num_warps=warps)
+    return q, s
+
+
+def quantize_cols(x: torch.Tensor, bc: int, warps: int):
+    M, K = x.shape  # multiples of 128
+    qt = torch.empty(K, M, dtype=E4M3, device=x.device)
+    st = torch.empty(M // 128, K, device=x.device).t()
+    _cols_kernel[(M // 128, K // bc)](x, qt, st, M, K, bc, num_warps=warps)
+    return qt, st
+
+
+ROW_CANDIDATES = ((16, 4, 4), (32, 4, 8), (8, 8, 4))  # rows, tiles, warps
+COL_CANDIDATES = ((32, 4), (64, 8))  # columns, warps
+
+
+def _candidates(x: torch.Tensor, d: int, bind) -> dict:
+    """Exactness of each candidate against the reference, printed; returns their timing rows."""
+    q, s, qt, st = quantize_activation(x, False, True)
+    rows = {
+        f"rows BR{br} T{t} w{w} (candidate)": bind(quantize_rows, x, br, t, w) for br, t, w in ROW_CANDIDATES
+    }
+    cols = {f"x.T cols BC{bc} w{w} (candidate)": bind(quantize_cols, x, bc, w) for bc, w in COL_CANDIDATES}
+    for name, fn in rows.items():
+        a, b = fn()
+        exact = torch.equal(a.view(torch.uint8), q.view(torch.uint8)) and torch.equal(b, s)
+        print(f"{name + ' exact':<40}{d:>6}{exact!s:>9}")
+    for name, fn in cols.items():
+        a, b = fn()
+        exact = torch.equal(a.view(torch.uint8), qt.view(torch.uint8)) and torch.equal(b, st)
+        print(f"{name + ' exact':<40}{d:>6}{exact!s:>9}")
+    n = x.numel()
+    return {**{k: (f, 3 * n) for k, f in rows.items()}, **{k: (f, 3 * n) for k, f in cols.items()}}
+
+
 def kernels(tokens: int = 16384) -> None:
     """Each quantisation pass alone, against the memory bandwidth it could reach (they are
     memory-bound: the bytes read and written are all the work)."""
-    from components.fp8_triton import quantize_activation_triton, quantize_weight_triton
-
     print(f"quantisation passes, {tokens} tokens (median of 20); GB/s = bytes read + written / time")
     print(f"{'pass':<40}{'d':>6}{'ms':>9}{'GB/s':>8}")
     for d in (4096, 8192):
@@ -197,6 +257,7 @@ def kernels(tokens: int = 16384) -> None:
             "fp8 transpose alone (Triton, 64x64)": (bind(transpose_fp8, q), 2 * q.numel()),
             "fp8 transpose alone (Triton, 128x128)": (bind(transpose_fp8, q, 128), 2 * q.numel()),
         }
+        passes.update(_candidates(x, d, bind))
         reference = q.t().contiguous().view(torch.uint8)
         for block in (64, 128):
             exact = torch.equal(transpose_fp8(q, block).view(torch.uint8), reference)
