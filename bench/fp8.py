@@ -19,7 +19,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bench.timing import time_ms
 from components.fp8 import (
     E4M3,
     FP8Linear,
@@ -43,6 +43,11 @@ from components.fp8 import (
 )
 from components.fp8_triton import _cast, _scale, quantize_activation_triton, quantize_weight_triton
 from research import metrics as M
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (FP8 tensors compare as bytes: torch.equal has no FP8 kernel everywhere)."""
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def check() -> None:
@@ -67,7 +72,7 @@ def check() -> None:
             pairs = [(a, b) for a, b in zip(got, want, strict=True) if a is not None]
             fp8 = [(a, b) for a, b in pairs if a.dtype == E4M3]
             scales = [(a, b) for a, b in pairs if a.dtype != E4M3]
-            same_q = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in fp8)
+            same_q = all(_same_bytes(a, b) for a, b in fp8)
             same_s = all(torch.equal(a, b) for a, b in scales)
             print(f"{name + (' pow2' if pow2 else ''):<47}{same_q!s:>14}{same_s!s:>15}")
             failed |= not (same_q and same_s)
@@ -99,20 +104,6 @@ def check() -> None:
         failed |= not err < 1e-2  # bf16 outputs and dy rounded to bf16 on one side only
     if failed:
         raise SystemExit("check failed")
-
-
-def _time_ms(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _fwd_bwd(layer, x, grad):
@@ -147,10 +138,10 @@ def linear(tokens: int = 16384) -> None:
         grad = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
         bf16 = torch.nn.Linear(d, d, bias=False, device="cuda")
         fp8 = FP8Linear(d, d).cuda()
-        t_bf16, t_fp8 = _time_ms(_fwd_bwd(bf16, x, grad)), _time_ms(_fwd_bwd(fp8, x, grad))
+        t_bf16, t_fp8 = time_ms(_fwd_bwd(bf16, x, grad)), time_ms(_fwd_bwd(fp8, x, grad))
         assert fp8.path == "scaled_mm"
         quantize = functools.partial(_quantize_all, x.detach(), fp8.weight.data, grad)
-        t_gemms, t_quant = _time_ms(functools.partial(_gemms_only, quantize())), _time_ms(quantize)
+        t_gemms, t_quant = time_ms(functools.partial(_gemms_only, quantize())), time_ms(quantize)
         flops = 3 * 2 * tokens * d * d
         print(f"{d:>6}{t_bf16:>10.2f}{t_fp8:>9.2f}{t_bf16 / t_fp8:>9.2f}x{t_gemms:>10.2f}{t_quant:>10.2f}"
               f"{flops / t_bf16 / 1e9:>14.0f}{flops / t_fp8 / 1e9:>13.0f}")  # fmt: skip
@@ -228,11 +219,11 @@ def _candidates(x: torch.Tensor, d: int, bind) -> dict:
     cols = {f"x.T cols BC{bc} w{w} (candidate)": bind(quantize_cols, x, bc, w) for bc, w in COL_CANDIDATES}
     for name, fn in rows.items():
         a, b = fn()
-        exact = torch.equal(a.view(torch.uint8), q.view(torch.uint8)) and torch.equal(b, s)
+        exact = _same_bytes(a, q) and torch.equal(b, s)
         print(f"{name + ' exact':<40}{d:>6}{exact!s:>9}")
     for name, fn in cols.items():
         a, b = fn()
-        exact = torch.equal(a.view(torch.uint8), qt.view(torch.uint8)) and torch.equal(b, st)
+        exact = _same_bytes(a, qt) and torch.equal(b, st)
         print(f"{name + ' exact':<40}{d:>6}{exact!s:>9}")
     n = x.numel()
     return {**{k: (f, 3 * n) for k, f in rows.items()}, **{k: (f, 3 * n) for k, f in cols.items()}}
@@ -258,12 +249,12 @@ def kernels(tokens: int = 16384) -> None:
             "fp8 transpose alone (Triton, 128x128)": (bind(transpose_fp8, q, 128), 2 * q.numel()),
         }
         passes.update(_candidates(x, d, bind))
-        reference = q.t().contiguous().view(torch.uint8)
+        reference = q.t().contiguous()
         for block in (64, 128):
-            exact = torch.equal(transpose_fp8(q, block).view(torch.uint8), reference)
+            exact = _same_bytes(transpose_fp8(q, block), reference)
             print(f"{'Triton fp8 transpose ' + str(block) + ' exact':<40}{d:>6}{exact!s:>9}")
         for name, (fn, nbytes) in passes.items():
-            ms = _time_ms(fn)
+            ms = time_ms(fn)
             print(f"{name:<40}{d:>6}{ms:>9.3f}{nbytes / ms / 1e6:>8.0f}")
         _gemms_alone(tokens, d)
 
@@ -284,7 +275,7 @@ def _gemms_alone(tokens: int, d: int) -> None:
     }
     print(f"{'GEMM, ' + str(tokens) + ' tokens':<40}{'d':>6}{'fp8 TF/s':>10}{'bf16 TF/s':>11}{'ratio':>7}")
     for name, (fp8, bf16) in gemms.items():
-        t8, t16 = _time_ms(fp8), _time_ms(bf16)
+        t8, t16 = time_ms(fp8), time_ms(bf16)
         print(f"{name:<40}{d:>6}{flops / t8 / 1e9:>10.0f}{flops / t16 / 1e9:>11.0f}{t16 / t8:>6.2f}x")
 
 
@@ -303,7 +294,7 @@ def profile(d: int = 2048, tokens: int = 16384) -> None:
     host_ms = (time.perf_counter() - start) / 20 * 1e3
     torch.cuda.synchronize()
     print(f"FP8Linear {d}x{d}, {tokens} tokens: host time per fwd+bwd {host_ms:.3f} ms, "
-          f"wall (GPU) {_time_ms(run):.3f} ms")  # fmt: skip
+          f"wall (GPU) {time_ms(run):.3f} ms")  # fmt: skip
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(10):

@@ -10,24 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from bench.timing import time_ms
 from components.balance import LoadBalance
 from components.linear import make_linear
 from components.moe import build_moe
 from tests.reference import moe_reference
-
-
-def time_ms(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ not multiples of 128 are zero-padded (zeros change no dot product) and the outpu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,6 +114,7 @@ def _gemm_scaled_mm(a, sa, b, sb, b_blocks: bool, out_dtype: torch.dtype) -> tor
     return F.scaled_mm(a, b.t(), sa, recipe.BlockWise1x128, sb, rb, output_dtype=out_dtype)
 
 
+@functools.cache  # asked on every forward of every FP8Linear
 def scaled_mm_available(device: torch.device) -> bool:
     """Block-scaled FP8 GEMMs need a CUDA device of compute capability 9.0 (Hopper) or newer."""
     return (
@@ -277,10 +280,7 @@ def fp8_linear_factory(path: str = "auto", pow2_scales: bool = False, dgrad: str
     return make
 
 
-# --- routed experts (simulated) ------------------------------------------------------------------
-# The experts' grouped GEMMs get the same recipe in simulation: every operand is quantised and
-# dequantised exactly as above, then multiplied by the ordinary grouped GEMM. The numerics are the
-# recipe's (up to the GEMM's accumulation order); the speed is not FP8's.
+# --- rounding through E4M3 in place (the routed experts' simulated recipe, components.moe) --------
 
 
 def fake_quantize_tiles(x: torch.Tensor, pow2: bool = False) -> torch.Tensor:
@@ -297,54 +297,3 @@ def fake_quantize_blocks(w: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     R, C = padded.shape[1:]
     flat = dequantize_blocks(*quantize_blocks(padded.reshape(E * R, C), pow2))
     return flat.view(E, R, C)[:, :r, :c].to(w.dtype)
-
-
-def _by_expert(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows sorted by expert -> a zero-padded [E, T, C] batch, T a multiple of 128 (a host sync)."""
-    E = counts.shape[0]
-    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=x.shape[0])
-    row = torch.arange(x.shape[0], device=x.device) - (counts.cumsum(0) - counts)[expert]
-    T = -(-max(int(counts.max()), 1) // TILE) * TILE
-    padded = x.new_zeros(E, T, x.shape[-1])
-    padded[expert, row] = x
-    return padded
-
-
-def _fake_quantize_tokens(t: torch.Tensor, pow2: bool) -> torch.Tensor:
-    """[E, T, C] through E4M3 with 1x128 tiles along T (per expert and channel)."""
-    E, T, C = t.shape
-    rows = t.transpose(1, 2).reshape(E * C, T)
-    return fake_quantize_tiles(rows, pow2).view(E, C, T).transpose(1, 2)
-
-
-class _FP8GroupedMM(torch.autograd.Function):
-    """``grouped_mm(x, w, counts)`` with each of its three GEMMs fed E4M3-rounded operands: x and
-    dy per 1x128 tile along their reduction dim, w per 128x128 block of each expert, and for the
-    weight gradient x and dy per 1x128 tile along the tokens of each expert's group."""
-
-    @staticmethod
-    def forward(ctx, x, w, counts, gemm, pow2: bool, dgrad: str, wgrad: str):
-        wq = fake_quantize_blocks(w, pow2)
-        ctx.save_for_backward(x, w, counts, wq)
-        ctx.gemm, ctx.pow2, ctx.dgrad, ctx.wgrad = gemm, pow2, dgrad, wgrad
-        return gemm(fake_quantize_tiles(x, pow2), wq, counts)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w, counts, wq = ctx.saved_tensors
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            fp8 = ctx.dgrad == "fp8"
-            dyq = fake_quantize_tiles(dy, ctx.pow2) if fp8 else dy
-            dx = ctx.gemm(dyq, (wq if fp8 else w).transpose(1, 2).contiguous(), counts)
-        if ctx.needs_input_grad[1]:
-            xs, dys = _by_expert(x, counts), _by_expert(dy, counts)  # [E, T, K], [E, T, N]
-            if ctx.wgrad == "fp8":  # tiles along each expert's tokens (T is a multiple of 128)
-                xs, dys = (_fake_quantize_tokens(t, ctx.pow2) for t in (xs, dys))
-            dw = torch.bmm(xs.transpose(1, 2), dys).to(w.dtype)
-        return dx, dw, None, None, None, None, None
-
-
-def fp8_grouped_mm(x, w, counts, gemm, pow2: bool = False, dgrad: str = "fp8", wgrad: str = "fp8"):
-    """The routed experts' grouped GEMM under the FP8 recipe (simulated; see above)."""
-    return _FP8GroupedMM.apply(x, w, counts, gemm, pow2, dgrad, wgrad)

@@ -20,7 +20,7 @@ from torch import nn
 
 from components.balance import LoadBalance
 from components.ffn import FFN, SwiGLU
-from components.fp8 import fp8_grouped_mm
+from components.fp8 import TILE, fake_quantize_blocks, fake_quantize_tiles, round_up
 from components.linear import LinearFactory
 from components.registry import require
 
@@ -98,14 +98,68 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: 
     multiplied by ``w[e]`` [K, N]. Returns [M, N]."""
     if backend == "grouped_mm" or (backend == "auto" and _grouped_mm_ok(x, w)):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    # Fallback: scatter the groups into a zero-padded [E, max_count, K] batch and use one bmm.
-    # Reading max_count costs a host sync, harmless on the devices that take this path.
-    E = w.shape[0]
+    # Fallback: scatter the groups into a zero-padded batch and use one bmm.
+    padded, where = pad_groups(x, counts)
+    return torch.bmm(padded, w)[where]
+
+
+def pad_groups(x: torch.Tensor, counts: torch.Tensor, multiple: int = 1):
+    """Rows of ``x`` [M, C] sorted into groups of ``counts`` [E] -> (a zero-padded [E, T, C] batch,
+    T the largest count rounded up to ``multiple``; the index pair that reads the rows back).
+    Reading the largest count costs a host sync."""
+    E = counts.shape[0]
     expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=x.shape[0])
     row_in_group = torch.arange(x.shape[0], device=x.device) - (counts.cumsum(0) - counts)[expert_of_row]
-    padded = x.new_zeros(E, int(counts.max()), x.shape[-1])
+    padded = x.new_zeros(E, round_up(max(int(counts.max()), 1), multiple), x.shape[-1])
     padded[expert_of_row, row_in_group] = x
-    return torch.bmm(padded, w)[expert_of_row, row_in_group]
+    return padded, (expert_of_row, row_in_group)
+
+
+# --- routed experts under the FP8 recipe (simulated) ---------------------------------------------
+# Every operand of the three grouped GEMMs is rounded through E4M3 exactly as components.fp8 does,
+# then multiplied by the ordinary grouped GEMM: the recipe's numerics (up to the GEMM's
+# accumulation order), not FP8's speed.
+
+
+def _fake_quantize_tokens(t: torch.Tensor, pow2: bool) -> torch.Tensor:
+    """[E, T, C] through E4M3 with 1x128 tiles along T (per expert and channel)."""
+    E, T, C = t.shape
+    rows = t.transpose(1, 2).reshape(E * C, T)
+    return fake_quantize_tiles(rows, pow2).view(E, C, T).transpose(1, 2)
+
+
+class _FP8GroupedMM(torch.autograd.Function):
+    """``grouped_mm(x, w, counts)`` with each of its three GEMMs fed E4M3-rounded operands: x and
+    dy per 1x128 tile along their reduction dim, w per 128x128 block of each expert, and for the
+    weight gradient x and dy per 1x128 tile along the tokens of each expert's group."""
+
+    @staticmethod
+    def forward(ctx, x, w, counts, gemm, pow2: bool, dgrad: str, wgrad: str):
+        wq = fake_quantize_blocks(w, pow2)
+        ctx.save_for_backward(x, w, counts, wq)
+        ctx.gemm, ctx.pow2, ctx.dgrad, ctx.wgrad = gemm, pow2, dgrad, wgrad
+        return gemm(fake_quantize_tiles(x, pow2), wq, counts)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, counts, wq = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            fp8 = ctx.dgrad == "fp8"
+            dyq = fake_quantize_tiles(dy, ctx.pow2) if fp8 else dy
+            dx = ctx.gemm(dyq, (wq if fp8 else w).transpose(1, 2).contiguous(), counts)
+        if ctx.needs_input_grad[1]:
+            xs, _ = pad_groups(x, counts, TILE)  # [E, T, K], T a multiple of 128
+            dys, _ = pad_groups(dy, counts, TILE)  # [E, T, N]
+            if ctx.wgrad == "fp8":  # tiles along each expert's tokens (T is a multiple of 128)
+                xs, dys = (_fake_quantize_tokens(t, ctx.pow2) for t in (xs, dys))
+            dw = torch.bmm(xs.transpose(1, 2), dys).to(w.dtype)
+        return dx, dw, None, None, None, None, None
+
+
+def fp8_grouped_mm(x, w, counts, gemm, pow2: bool = False, dgrad: str = "fp8", wgrad: str = "fp8"):
+    """The routed experts' grouped GEMM under the FP8 recipe (simulated; see above)."""
+    return _FP8GroupedMM.apply(x, w, counts, gemm, pow2, dgrad, wgrad)
 
 
 class GroupedExperts(nn.Module):

@@ -32,7 +32,8 @@ USER_ERRORS = (ValueError, TrackingError, FileNotFoundError)
 
 
 def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+    """An error as one line; Hydra's composition errors lose their search-path listing."""
+    return " ".join(str(e).split()).split(" Config search path")[0]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -73,7 +74,7 @@ def precheck(overrides: list[str]) -> str | None:
     try:
         checked_config(overrides)
     except Exception as e:  # Hydra's errors span lines; the user gets the gist in one
-        return one_line(e).split(" Config search path")[0]
+        return one_line(e)
     return None
 
 
@@ -140,7 +141,7 @@ def _train(rest: list[str]) -> None:
         try:
             cfg = checked_config(overrides)
         except Exception as e:
-            fail_if(one_line(e).split(" Config search path")[0])
+            fail_if(one_line(e))
         if launcher(cfg) == "slurm":  # one run with a Slurm profile becomes a Slurm job
             several = any(f in ("-m", "--multirun") for f in flags)
             fail_if("several runs on Slurm go in a grid: lab grid NAME cluster=PROFILE" if several else None)
@@ -175,7 +176,7 @@ def _grid(rest: list[str]) -> None:
         cfg = grid.compose_grid(args.name, overrides)
         first = grid.expand(args.name, cfg, overrides)[0]
     except Exception as e:
-        fail_if(one_line(e).split(" Config search path")[0])
+        fail_if(one_line(e))
     fail_if(precheck(first.overrides))
     gpus = args.gpus.split(",") if args.gpus else None
     try:
@@ -269,7 +270,7 @@ def _server(rest: list[str]) -> None:
     try:
         serve(compose_run(rest).tracking.server)
     except Exception as e:
-        fail_if(one_line(e).split(" Config search path")[0])
+        fail_if(one_line(e))
 
 
 def fail_if(problem: str | None) -> None:

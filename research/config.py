@@ -58,18 +58,14 @@ def linear_factory(cfg: DictConfig) -> LinearFactory:
 def apply_precision_recipe(model: Transformer, cfg: DictConfig) -> None:
     """What the LinearFactory cannot reach: ``fp8`` puts the routed experts' grouped GEMMs under
     the same recipe; ``fp8_rowwise`` lets torchao swap the factory's projections (not the head)."""
+    precision_of(cfg)  # the options are checked before anything is changed
     p = cfg.precision
-    if p.name == "fp8":
-        require(
-            p.get("experts", "fp8") in ("fp8", "bf16"), "precision.experts", p.get("experts"), "fp8, bf16"
-        )
-        if p.get("experts", "fp8") == "fp8":
-            for m in model.modules():
-                if isinstance(m, GroupedExperts):
-                    m.fp8 = {"pow2": p.pow2_scales, "dgrad": p.dgrad, "wgrad": p.wgrad}
+    if p.name == "fp8" and p.experts == "fp8":
+        for m in model.modules():
+            if isinstance(m, GroupedExperts):
+                m.fp8 = {"pow2": p.pow2_scales, "dgrad": p.dgrad, "wgrad": p.wgrad}
     if p.name != "fp8_rowwise":
         return
-    _require_torchao()
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("rowwise"),

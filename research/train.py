@@ -164,8 +164,10 @@ DETERMINISTIC = (False, True, "warn")
 
 
 def deterministic(t: DictConfig) -> bool | str:
-    """``trainer.deterministic``: atomics-based kernels (the MoE combine's index_add on a GPU) make
-    two runs of one config differ by more than a precision change does; this makes them repeat."""
+    """``trainer.deterministic``: atomics-based kernels (the MoE combine's index_add, flash
+    attention's backward) make two runs of one config differ by more than a precision change does;
+    ``true`` makes them repeat. ``warn`` only warns about such kernels: two bf16 runs under it still
+    ended 0.87% apart in val/loss after 1000 steps on an H200."""
     value = t.get("deterministic", False)
     require(value in DETERMINISTIC, "trainer.deterministic", value, "false, true, warn")
     return value

@@ -141,25 +141,26 @@ def _grads(fn, x, w, dy):
 
 def test_fp8_experts_are_the_grouped_gemm_with_every_operand_rounded_to_e4m3(monkeypatch):
     import components.fp8 as fp8
+    import components.moe as moe
 
     x, w, counts, dy, gemm = _grouped_case()
     ref = _grads(lambda a, b: gemm(a, b, counts), x, w, dy)
-    fast = _grads(lambda a, b: fp8.fp8_grouped_mm(a, b, counts, gemm), x, w, dy)
+    fast = _grads(lambda a, b: moe.fp8_grouped_mm(a, b, counts, gemm), x, w, dy)
     for got, want in zip(fast, ref, strict=True):  # output, dx, dW: each a few percent off
         assert 0.005 < rel(got, want) < 0.06
     monkeypatch.setattr(fp8, "_cast", lambda t, scale: t / scale)  # no rounding: only the structure
-    exact = _grads(lambda a, b: fp8.fp8_grouped_mm(a, b, counts, gemm), x, w, dy)
+    exact = _grads(lambda a, b: moe.fp8_grouped_mm(a, b, counts, gemm), x, w, dy)
     for got, want in zip(exact, ref, strict=True):
         assert rel(got, want) < 1e-5
 
 
 def test_fp8_expert_weight_gradients_tile_tokens_within_each_expert():
-    import components.fp8 as fp8
+    import components.moe as moe
 
     x, w, counts, dy, gemm = _grouped_case()
     x[:150] *= 1e4  # expert 0's tokens are huge; expert 2's follow them directly in the sorted rows
     ref = _grads(lambda a, b: gemm(a, b, counts), x, w, dy)[2]
-    got = _grads(lambda a, b: fp8.fp8_grouped_mm(a, b, counts, gemm, dgrad="bf16"), x, w, dy)[2]
+    got = _grads(lambda a, b: moe.fp8_grouped_mm(a, b, counts, gemm, dgrad="bf16"), x, w, dy)[2]
     assert rel(got[2], ref[2]) < 0.06  # expert 2's tiles never share a scale with expert 0's rows
     assert rel(got[0], ref[0]) < 0.06
     assert torch.equal(got[1], torch.zeros_like(got[1]))  # no tokens, no gradient
