@@ -129,8 +129,9 @@ def scaled_mm_available(device: torch.device) -> bool:
 #   x  -> row tiles along K (forward)      and, for the wgrad, x.T's row tiles along M
 #   W  -> 128x128 blocks (forward)         and W.T in the same blocks, contiguous (dgrad)
 #   dy -> row tiles along N (dgrad)        and dy.T's row tiles along M (wgrad)
-# On the GPU one Triton pass writes both layouts of x and of dy. Padding (to whole tiles, and to
-# whole 128-token tiles where the tokens are a reduction dimension) is zeros, written in that pass.
+# On the GPU Triton writes each layout in one pass over the bf16 tensor, W.T as a byte transpose of
+# W's blocks. Padding (to whole tiles, and to whole 128-token tiles where the tokens are a reduction
+# dimension) is zeros, written in those passes.
 
 
 def quantize_activation(x: torch.Tensor, pow2: bool = False, transposed: bool = False):

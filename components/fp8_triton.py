@@ -25,33 +25,57 @@ def _cast(x, scale):
     return tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0).to(tl.float8e4nv)
 
 
-# Memory-bound: the only knob that matters is how many warps share a tile (their numerics are equal).
-_WARPS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+# Memory-bound kernels: their shapes (rows x tiles per program, warps) are the fastest measured on
+# an H200 by ``bench/fp8.py --part kernels``; every choice gives the same bits.
+ROW_BLOCK, ROW_TILES, ROW_WARPS = 16, 4, 4
+COL_BLOCK, COL_WARPS = 32, 4
+TRANSPOSE_BLOCK = 64
 
 
-@triton.autotune(_WARPS, key=["Mp", "Kp", "ROWS", "TRANSPOSED"])
 @triton.jit
-def _quantize_activation_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, Kp, stride_m, stride_k,
-                                ROWS: tl.constexpr, TRANSPOSED: tl.constexpr,
-                                POW2: tl.constexpr):  # fmt: skip
-    # One program: ROWS rows x 128 columns of x (zeros past its edge: the padding is written here).
-    # Row tiles -> q [Mp, Kp] with scales s [Mp, Kp/128] column-major (scaled_mm's layout); with
-    # TRANSPOSED (ROWS is then 128) the same block's column tiles -> qt = x.T [Kp, Mp], scales st
-    # [Kp, Mp/128] column-major. Reading x once for both is the point: it is the largest tensor.
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    kb = tl.program_id(1)
-    cols = kb * 128 + tl.arange(0, 128)
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, Mp, Kp, stride_m, stride_k,
+                          BR: tl.constexpr, TILES: tl.constexpr, POW2: tl.constexpr):  # fmt: skip
+    # One program: BR rows x TILES 1x128 tiles of x (zeros past its edge: the padding is written
+    # here) -> q [Mp, Kp], scales s [Mp, Kp/128] column-major (scaled_mm's layout).
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * TILES * 128 + tl.arange(0, TILES * 128)
     inside = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k, mask=inside, other=0.0)
-    x32 = x.to(tl.float32)
-    scale = _scale(tl.max(tl.abs(x32), axis=1), POW2)
-    tl.store(q_ptr + rows[:, None] * Kp + cols[None, :], _cast(x32, scale[:, None]))
-    tl.store(s_ptr + kb * Mp + rows, scale)
-    if TRANSPOSED:  # transpose the loaded values (never fp8: Triton's 8-bit transposes misplace bytes)
-        xt = tl.trans(x).to(tl.float32)  # [128 cols, ROWS rows]
-        scale_t = _scale(tl.max(tl.abs(xt), axis=1), POW2)
-        tl.store(qt_ptr + cols[:, None] * Mp + rows[None, :], _cast(xt, scale_t[:, None]))
-        tl.store(st_ptr + tl.program_id(0) * Kp + cols, scale_t)
+    x = tl.reshape(x.to(tl.float32), (BR, TILES, 128))
+    scale = _scale(tl.max(tl.abs(x), axis=2), POW2)  # [BR, TILES]
+    q = tl.reshape(_cast(x, scale[:, :, None]), (BR, TILES * 128))
+    tl.store(q_ptr + rows[:, None] * Kp + cols[None, :], q, mask=(rows[:, None] < Mp) & (cols[None, :] < Kp))
+    tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    tl.store(
+        s_ptr + tiles[None, :] * Mp + rows[:, None],
+        scale,
+        mask=(rows[:, None] < Mp) & (tiles[None, :] < Kp // 128),
+    )
+
+
+@triton.jit
+def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, M, K, Mp, Kp, stride_m, stride_k,
+                          BC: tl.constexpr, POW2: tl.constexpr):  # fmt: skip
+    # One program: 128 rows x BC columns of x -> x.T's 1x128 tiles along M: qt [Kp, Mp], scales
+    # st [Kp, Mp/128] column-major. The loaded bf16 values are transposed, never fp32 or fp8
+    # ones: those transposes misplaced bytes on the Triton we ship with.
+    rows = tl.program_id(0) * 128 + tl.arange(0, 128)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    inside = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k, mask=inside, other=0.0)
+    xt = tl.trans(x).to(tl.float32)  # [BC, 128]
+    scale = _scale(tl.max(tl.abs(xt), axis=1), POW2)
+    tl.store(qt_ptr + cols[:, None] * Mp + rows[None, :], _cast(xt, scale[:, None]), mask=cols[:, None] < Kp)
+    tl.store(st_ptr + tl.program_id(0) * Kp + cols, scale, mask=cols < Kp)
+
+
+@triton.jit
+def _transpose_bytes_kernel(src, dst, R, C, B: tl.constexpr):
+    # W.T from W's FP8 blocks, moved as bytes (torch's generic copy moves single bytes ~4x slower).
+    rows = tl.program_id(0) * B + tl.arange(0, B)
+    cols = tl.program_id(1) * B + tl.arange(0, B)
+    tile = tl.load(src + rows[:, None] * C + cols[None, :])
+    tl.store(dst + cols[:, None] * R + rows[None, :], tl.trans(tile))
 
 
 @triton.jit
@@ -68,34 +92,44 @@ def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, C, POW2: tl.constexpr):
 
 
 def quantize_activation_triton(x: torch.Tensor, pow2: bool = False, transposed: bool = False):
-    """As ``components.fp8.quantize_activation`` (``x`` may be strided), in one pass."""
+    """As ``components.fp8.quantize_activation`` (``x`` may be strided): the row tiles in one pass
+    and, with ``transposed``, x.T's tiles in a second (two lean passes measured faster than one
+    that writes both)."""
     x = x.to(torch.bfloat16)
     M, K = x.shape
     Mp, Kp = round_up(M, TILE if transposed else ROWS), round_up(K, TILE)
+    strides = (M, K, Mp, Kp, x.stride(0), x.stride(1))
     q = torch.empty(Mp, Kp, dtype=E4M3, device=x.device)
     s = torch.empty(Kp // TILE, Mp, device=x.device).t()  # [Mp, Kp/128], column-major
-    qt = st = None
-    if transposed:
-        qt = torch.empty(Kp, Mp, dtype=E4M3, device=x.device)
-        st = torch.empty(Mp // TILE, Kp, device=x.device).t()  # [Kp, Mp/128], column-major
-    rows = TILE if transposed else ROWS
-    _quantize_activation_kernel[(Mp // rows, Kp // TILE)](
-        x, q, s, qt if transposed else q, st if transposed else s, M, K, Mp, Kp, x.stride(0), x.stride(1),
-        rows, transposed, pow2,
-    )  # fmt: skip
+    grid = (triton.cdiv(Mp, ROW_BLOCK), triton.cdiv(Kp, ROW_TILES * TILE))
+    _quantize_rows_kernel[grid](x, q, s, *strides, ROW_BLOCK, ROW_TILES, pow2, num_warps=ROW_WARPS)
+    if not transposed:
+        return q, s, None, None
+    qt = torch.empty(Kp, Mp, dtype=E4M3, device=x.device)
+    st = torch.empty(Mp // TILE, Kp, device=x.device).t()  # [Kp, Mp/128], column-major
+    grid = (Mp // TILE, triton.cdiv(Kp, COL_BLOCK))
+    _quantize_cols_kernel[grid](x, qt, st, *strides, COL_BLOCK, pow2, num_warps=COL_WARPS)
     return q, s, qt, st
 
 
+def transpose_fp8(q: torch.Tensor) -> torch.Tensor:
+    """A contiguous q.T of an FP8 matrix whose sides are multiples of 128."""
+    R, C = q.shape
+    out = torch.empty(C, R, dtype=q.dtype, device=q.device)
+    grid = (R // TRANSPOSE_BLOCK, C // TRANSPOSE_BLOCK)
+    _transpose_bytes_kernel[grid](q.view(torch.uint8), out.view(torch.uint8), R, C, TRANSPOSE_BLOCK)
+    return out
+
+
 def quantize_weight_triton(w: torch.Tensor, pow2: bool = False, transposed: bool = True):
-    """As ``components.fp8.quantize_weight``. The weights are small next to the activations: W.T is
-    a plain copy of the quantised blocks (a transpose fused into this kernel miscompiled for fp32
-    weights on the Triton we ship with, so it stays out)."""
+    """As ``components.fp8.quantize_weight``: the blocks, then W.T as a byte transpose of them (a
+    transpose fused into the block kernel miscompiled for fp32 weights on the Triton we ship with)."""
     w = pad_to_tiles(w, TILE).contiguous()
     R, C = w.shape
     q = torch.empty(R, C, dtype=E4M3, device=w.device)
     s = torch.empty(R // TILE, C // TILE, device=w.device)
     _quantize_blocks_kernel[(R // TILE, C // TILE)](w, q, s, C, pow2, num_warps=8)
-    return q, s, q.t().contiguous() if transposed else None
+    return q, s, transpose_fp8(q) if transposed else None
 
 
-__all__ = ["quantize_activation_triton", "quantize_weight_triton"]
+__all__ = ["quantize_activation_triton", "quantize_weight_triton", "transpose_fp8"]
