@@ -1,6 +1,10 @@
 """DeepSeek-V3's FP8 recipe, checked on a CPU through the emulation path (same quantisation, fp32
 GEMMs): round-trip bounds, the linear's three GEMMs against fp32, and why the tiles are small."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -201,3 +205,11 @@ def test_projections_reading_one_input_quantise_it_once_and_match_separate_input
         before = up(y)
         y.mul_(2)
         assert torch.equal(up(y), 2 * before) and len(calls) == 2
+
+
+def test_triton_quantisers_place_every_value_and_scale_like_the_reference_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when Triton is imported: its own process
+    done = subprocess.run([sys.executable, "-m", "tests.fp8_triton_interpreted"], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr[-2000:]
