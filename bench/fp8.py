@@ -190,28 +190,32 @@ def _gemms_alone(tokens: int, d: int) -> None:
 
 
 def profile(d: int = 2048, tokens: int = 16384) -> None:
-    """Where one FP8Linear fwd+bwd spends its time: the host's launch cost (is it CPU-bound?) and
-    the profiler's tables by CPU and by GPU time."""
+    """Where one FP8Linear fwd+bwd spends its time beside bf16's: the host's launch cost (is it
+    CPU-bound?) and the GPU time of each op, by input shape (which elementwise work is fp8's own)."""
     x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-    run = _fwd_bwd(FP8Linear(d, d).cuda(), x, grad)
-    for _ in range(5):
-        run()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(20):
-        run()
-    host_ms = (time.perf_counter() - start) / 20 * 1e3
-    torch.cuda.synchronize()
-    print(f"FP8Linear {d}x{d}, {tokens} tokens: host time per fwd+bwd {host_ms:.3f} ms, "
-          f"wall (GPU) {time_ms(run):.3f} ms")  # fmt: skip
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(10):
+    layers = {"FP8Linear": FP8Linear(d, d).cuda(), "bf16 nn.Linear": torch.nn.Linear(d, d, bias=False).cuda()}
+    for name, layer in layers.items():
+        run = _fwd_bwd(layer, x, grad)
+        for _ in range(5):
             run()
         torch.cuda.synchronize()
-    for key in ("self_cpu_time_total", "self_cuda_time_total"):
-        print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
+        start = time.perf_counter()
+        for _ in range(20):
+            run()
+        host_ms = (time.perf_counter() - start) / 20 * 1e3
+        torch.cuda.synchronize()
+        print(f"{name} {d}x{d}, {tokens} tokens: host time per fwd+bwd {host_ms:.3f} ms, "
+              f"wall (GPU) {time_ms(run):.3f} ms")  # fmt: skip
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(10):
+                run()
+            torch.cuda.synchronize()
+        table = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=40, max_shapes_column_width=70
+        )
+        print(table)
 
 
 SHAPES = {
@@ -366,6 +370,7 @@ def main() -> None:
     parts = ("check", "linear", "kernels", "profile", "step", "parity", "parity-run")
     parser.add_argument("--part", choices=parts, required=True)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--d", type=int, default=2048, help="profile: the layer's width")
     parser.add_argument("--variant", choices=list(PARITY_VARIANTS), help="parity-run: which arm")
     parser.add_argument("--out", help="parity-run: where the arm writes its losses")
     parser.add_argument("--arms", default="bf16,fp8,fp8_rowwise,fp8 exp. bf16", help="step: comma-separated")
@@ -385,7 +390,7 @@ def main() -> None:
         "check": check,
         "linear": linear,
         "kernels": kernels,
-        "profile": profile,
+        "profile": lambda: profile(args.d),
         "step": lambda: step(args.steps, args.arms.split(","), args.dense_only),
         "parity": lambda: parity(args.steps, args.variants.split(","), args.budget_s, args.set),
         "parity-run": lambda: parity_run(args.variant, args.steps, args.out, args.set),
