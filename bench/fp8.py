@@ -5,10 +5,11 @@ against bf16, whole training steps, and loss parity over a long run.
                                         # scaled_mm GEMMs vs the emulation
     python -m bench.fp8 --part linear   # FP8Linear fwd+bwd vs bf16 nn.Linear, tokens 16384
     python -m bench.fp8 --part step     # training steps: bf16 vs fp8 vs fp8_rowwise (torchao)
-    python -m bench.fp8 --part parity [--steps 1000]   # the same run in bf16 and fp8 (and controls),
+    python -m bench.fp8 --part parity [--steps 1000]   # the same run in bf16 and fp8, three seeds,
                                                        # all at once, spread over the GPUs: final losses
+                                                       # (--set KEY=VALUE changes every arm)
     python -m bench.fp8 --part kernels  # each quantisation pass alone (ms, GB/s); each GEMM vs bf16
-    python -m bench.fp8 --part profile  # where an FP8Linear fwd+bwd spends its CPU and GPU time
+    python -m bench.fp8 --part profile [--d 4096]  # an FP8Linear fwd+bwd's time per op, beside bf16's
 
 Needs torch, Lightning, Triton and the Hydra wheels (and torchao for the fp8_rowwise rows).
 """
@@ -298,13 +299,13 @@ PARITY_VARIANTS = {  # name: (overrides, seed, the bf16 run it is compared with)
     "bf16": (["precision=bf16"], 0, "bf16"),
     "bf16 again": (["precision=bf16"], 0, "bf16"),
     "fp8": (["precision=fp8"], 0, "bf16"),
-    "bf16 seed 1": (["precision=bf16"], 1, "bf16"),
-    "fp8 seed 1": (["precision=fp8"], 1, "bf16 seed 1"),
+    **{f"bf16 seed {k}": (["precision=bf16"], k, "bf16") for k in (1, 2, 3)},  # the seeds' spread
+    **{f"fp8 seed {k}": (["precision=fp8"], k, f"bf16 seed {k}") for k in (1, 2, 3)},
     "moe bf16": ([*MOE, "precision=bf16"], 0, "moe bf16"),
     "moe fp8": ([*MOE, "precision=fp8"], 0, "moe bf16"),
     "moe fp8 experts bf16": ([*MOE, "precision=fp8", "precision.experts=bf16"], 0, "moe bf16"),
 }
-PARITY_DEFAULT = "bf16,bf16 again,fp8,bf16 seed 1,fp8 seed 1"
+PARITY_DEFAULT = "bf16,fp8,bf16 seed 1,fp8 seed 1,bf16 seed 2,fp8 seed 2"
 
 
 class _LossHistory(L.Callback):
@@ -353,15 +354,27 @@ def parity(steps: int, variants: list[str], budget_s: float, extra: list[str]) -
             final[name] = json.loads(Path(f"{tmp}/{i}.json").read_text())
     setup = " ".join([*PARITY, *extra])
     print(f"loss parity: {setup}, {steps} steps, {len(variants)} arms on {len(gpus)} GPU(s)")
+    _print_parity(final)
+
+
+def _print_parity(final: dict[str, dict[str, float]]) -> None:
     print(f"{'':<22}{'seed':>5}{'val/loss':>10}{'rel. err':>10}{'train, last 100':>17}{'rel. err':>10}  vs")
+    fp8_errs = []  # dense fp8 against bf16 of its own seed
     for name, m in final.items():
         _, seed, ref_name = PARITY_VARIANTS[name]
         ref = final.get(ref_name)
         if ref is None:
             continue
         errs = [abs(m[k] - ref[k]) / ref[k] for k in ("val", "train_last100")]
+        if name == "fp8" or name.startswith("fp8 seed"):
+            fp8_errs.append(errs)
         print(f"{name:<22}{seed:>5}{m['val']:>10.4f}{errs[0]:>10.3%}{m['train_last100']:>17.4f}{errs[1]:>10.3%}"
               f"  {ref_name}")  # fmt: skip
+    if len(fp8_errs) > 1:
+        val, train = zip(*fp8_errs, strict=True)
+        mean = {k: sum(v) / len(v) for k, v in (("val", val), ("train", train))}
+        print(f"fp8 vs bf16 of the same seed, {len(fp8_errs)} seeds: val/loss mean {mean['val']:.3%} "
+              f"(max {max(val):.3%}), train mean {mean['train']:.3%} (max {max(train):.3%})")  # fmt: skip
     print("(DeepSeek-V3 reports < 0.25% relative loss error at 16B and 230B parameters)")
 
 
