@@ -57,8 +57,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, Mp, Kp, stride_m, stride_k,
 def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, M, K, Mp, Kp, stride_m, stride_k,
                           BC: tl.constexpr, POW2: tl.constexpr):  # fmt: skip
     # One program: 128 rows x BC columns of x -> x.T's 1x128 tiles along M: qt [Kp, Mp], scales
-    # st [Kp, Mp/128] column-major. The loaded bf16 values are transposed, never fp32 or fp8
-    # ones: those transposes misplaced bytes on the Triton we ship with.
+    # st [Kp, Mp/128] column-major. The loaded bf16 values are transposed, never fp32 or float8
+    # ones: those transposes misplaced bytes on the device's Triton (uint8 ones are exact).
     rows = tl.program_id(0) * 128 + tl.arange(0, 128)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     inside = (rows[:, None] < M) & (cols[None, :] < K)
