@@ -160,12 +160,11 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, linear: FP8Linear, x_quantized: tuple):
         M, N = x.shape[0], weight.shape[0]
-        out_dtype = torch.bfloat16 if linear.path == "scaled_mm" else torch.float32
         fp8_dgrad = linear.dgrad == "fp8" and x.requires_grad
         xq, xs, xtq, xts = x_quantized
         fp8_wgrad = xtq is not None
         wq, ws, wtq = linear.quantize_weight(weight, fp8_dgrad)
-        y = linear.gemm(xq, xs, wq, ws, True, out_dtype)[:M, :N]
+        y = linear.gemm(xq, xs, wq, ws, True, linear.gemm_dtype)[:M, :N]
         # Keep what the backward reads: x.T's tiles instead of x (half the bytes) for an FP8
         # wgrad, W.T's blocks for an FP8 dgrad, the high-precision tensors only for bf16 GEMMs.
         ctx.save_for_backward(
@@ -182,12 +181,11 @@ class _FP8LinearFunction(torch.autograd.Function):
         M, K, N = dy.shape[0], ctx.K, weight.shape[0]
         _last_input.clear()  # the forward is over: let the cached input go
         dx = dw = None
-        out_dtype = torch.bfloat16 if linear.path == "scaled_mm" else torch.float32
         if ctx.fp8_dgrad or ctx.fp8_wgrad:
             dyq, dys, dytq, dyts = linear.quantize_activation(dy, ctx.fp8_wgrad)
         if ctx.needs_input_grad[0]:
             if ctx.fp8_dgrad:  # dy tiles along N x W.T blocks (the forward's, transposed)
-                dx = linear.gemm(dyq, dys, wtq, ws.t(), True, out_dtype)[:M, :K]
+                dx = linear.gemm(dyq, dys, wtq, ws.t(), True, linear.gemm_dtype)[:M, :K]
             else:
                 dx = dy.to(torch.bfloat16) @ weight.to(torch.bfloat16)
         if ctx.needs_input_grad[1]:
@@ -242,6 +240,11 @@ class FP8Linear(nn.Module):
 
             return quantize_weight_triton(w, self.pow2, transposed)
         return quantize_weight(w, self.pow2, transposed)
+
+    @property
+    def gemm_dtype(self) -> torch.dtype:
+        """What the forward and input-gradient GEMMs return: bf16 from scaled_mm, fp32 emulated."""
+        return torch.bfloat16 if self.path == "scaled_mm" else torch.float32
 
     def gemm(self, a, sa, b, sb, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
         fn = _gemm_scaled_mm if self.path == "scaled_mm" else _gemm_emulated

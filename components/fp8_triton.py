@@ -98,17 +98,17 @@ def quantize_activation_triton(x: torch.Tensor, pow2: bool = False, transposed: 
     x = x.to(torch.bfloat16)
     M, K = x.shape
     Mp, Kp = round_up(M, TILE if transposed else ROWS), round_up(K, TILE)
-    strides = (M, K, Mp, Kp, x.stride(0), x.stride(1))
+    sizes_and_strides = (M, K, Mp, Kp, x.stride(0), x.stride(1))
     q = torch.empty(Mp, Kp, dtype=E4M3, device=x.device)
     s = torch.empty(Kp // TILE, Mp, device=x.device).t()  # [Mp, Kp/128], column-major
     grid = (triton.cdiv(Mp, ROW_BLOCK), triton.cdiv(Kp, ROW_TILES * TILE))
-    _quantize_rows_kernel[grid](x, q, s, *strides, ROW_BLOCK, ROW_TILES, pow2, num_warps=ROW_WARPS)
+    _quantize_rows_kernel[grid](x, q, s, *sizes_and_strides, ROW_BLOCK, ROW_TILES, pow2, num_warps=ROW_WARPS)
     if not transposed:
         return q, s, None, None
     qt = torch.empty(Kp, Mp, dtype=E4M3, device=x.device)
     st = torch.empty(Mp // TILE, Kp, device=x.device).t()  # [Kp, Mp/128], column-major
     grid = (Mp // TILE, triton.cdiv(Kp, COL_BLOCK))
-    _quantize_cols_kernel[grid](x, qt, st, *strides, COL_BLOCK, pow2, num_warps=COL_WARPS)
+    _quantize_cols_kernel[grid](x, qt, st, *sizes_and_strides, COL_BLOCK, pow2, num_warps=COL_WARPS)
     return q, s, qt, st
 
 
