@@ -105,10 +105,13 @@ def _gemm_scaled_mm(a, sa, b, sb, b_blocks: bool, out_dtype: torch.dtype) -> tor
     # cuBLAS (through torch 2.11's checks) wants: 1x128 scales of either operand as [rows, K/128]
     # outer-dim-major (stride (1, rows)); 128x128 scales as [K/128, N/128] with the K blocks padded
     # to a multiple of 4 (the padding is never read: ones); the second operand column-major.
+    # Every call costs the host time, so nothing is padded or copied that is already right.
     recipe = F.ScalingType
     sa = sa.t().contiguous().t()
     if b_blocks:
-        sb, rb = F.pad(sb, (0, -sb.shape[1] % 4), value=1.0).contiguous().t(), recipe.BlockWise128x128
+        if sb.shape[1] % 4:
+            sb = F.pad(sb, (0, -sb.shape[1] % 4), value=1.0)
+        sb, rb = sb.contiguous().t(), recipe.BlockWise128x128
     else:
         sb, rb = sb.t().contiguous().t(), recipe.BlockWise1x128
     return F.scaled_mm(a, b.t(), sa, recipe.BlockWise1x128, sb, rb, output_dtype=out_dtype)
@@ -129,8 +132,8 @@ def scaled_mm_available(device: torch.device) -> bool:
 #   x  -> row tiles along K (forward)      and, for the wgrad, x.T's row tiles along M
 #   W  -> 128x128 blocks (forward)         and W.T in the same blocks, contiguous (dgrad)
 #   dy -> row tiles along N (dgrad)        and dy.T's row tiles along M (wgrad)
-# On the GPU Triton writes each layout in one pass over the bf16 tensor, W.T as a byte transpose of
-# W's blocks. Padding (to whole tiles, and to whole 128-token tiles where the tokens are a reduction
+# On the GPU Triton writes x's (and dy's) two layouts in two passes, W.T as a byte transpose of W's
+# blocks. Padding (to whole tiles, and to whole 128-token tiles where the tokens are a reduction
 # dimension) is zeros, written in those passes.
 
 

@@ -122,8 +122,9 @@ def transpose_fp8(q: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_weight_triton(w: torch.Tensor, pow2: bool = False, transposed: bool = True):
-    """As ``components.fp8.quantize_weight``: the blocks, then W.T as a byte transpose of them (a
-    transpose fused into the block kernel miscompiled for fp32 weights on the Triton we ship with)."""
+    """As ``components.fp8.quantize_weight``: the blocks, then W.T as a byte transpose of them. A
+    transpose fused into the block kernel, of the fp32 values or of the quantised bytes, wrote
+    wrong bytes on the device's Triton (``bench/fp8.py --part check`` caught both)."""
     w = pad_to_tiles(w, TILE).contiguous()
     R, C = w.shape
     q = torch.empty(R, C, dtype=E4M3, device=w.device)
