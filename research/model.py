@@ -21,6 +21,7 @@ from components.attention import ATTENTION, ATTENTION_TYPES
 from components.balance import BALANCE, LoadBalance
 from components.ffn import FFN
 from components.linear import LinearFactory, make_linear
+from components.loss import linear_cross_entropy
 from components.moe import MoE
 from components.mtp import MTPModule, check_mtp
 from components.registry import require
@@ -42,7 +43,7 @@ class ModelConfig:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V] from the main head
+    logits: torch.Tensor | None  # [B, T, V] from the main head (None when the loss is fused)
     loss: torch.Tensor | None = None  # lm_loss + mtp.weight * mtp_loss + balance_loss
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None  # mean over depths of each depth's cross-entropy
@@ -98,6 +99,9 @@ class Transformer(nn.Module):
         self.init_weights()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        # Tokens per chunk of the fused head + cross-entropy (components.loss); 0 computes the
+        # logits whole and returns them. A speed setting, not the model's maths: the trainer sets it.
+        self.loss_chunk = 0
 
     def _block(self, layer: int, balance: LoadBalance, linear: LinearFactory) -> Block:
         ffn_spec = self.cfg.ffn
@@ -130,11 +134,10 @@ class Transformer(nn.Module):
         h = self.embed(idx)
         for i, block in enumerate(self.blocks):
             h = block(h, positions, None if cache is None else cache[i])
-        logits = self.head(self.norm(h))
         if targets is None:
-            return ModelOutput(logits)
+            return ModelOutput(self.head(self.norm(h)))
 
-        lm_loss = _cross_entropy(logits, targets)
+        logits, lm_loss = self._head_loss(self.norm(h), targets)
         loss = lm_loss
         mtp_loss = balance_loss = None
         if self.mtp_depth > 0:
@@ -155,8 +158,17 @@ class Transformer(nn.Module):
         losses = []
         for k, module in enumerate(self.mtp, start=1):
             h = module(h[:, : T - k], self.embed(idx[:, k:]), positions[: T - k])
-            losses.append(_cross_entropy(self.head(module.out_norm(h)), targets[:, k:]))
+            losses.append(self._head_loss(module.out_norm(h), targets[:, k:])[1])
         return torch.stack(losses).mean()
+
+    def _head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(logits or None, mean cross-entropy) of the normalised states h [B, T, C]."""
+        if self.loss_chunk:
+            return None, linear_cross_entropy(
+                h.flatten(0, 1), self.head.weight, targets.flatten(), self.loss_chunk
+            )
+        logits = self.head(h)
+        return logits, _cross_entropy(logits, targets)
 
     # --- what the platform measures -----------------------------------------------------------
 
