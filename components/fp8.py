@@ -267,6 +267,7 @@ class FP8Linear(nn.Module):
         _last_input.update(x=x, key=key, value=value)
         return value
 
+    @torch.compiler.disable  # Triton launches, a module-level cache and its own autograd: eager
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.path = self.resolve_path(x.device)
         with torch.autocast(x.device.type, enabled=False):  # the recipe sets every dtype itself

@@ -90,7 +90,8 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return x.device.type == "cpu"
+    # On a CPU the eager kernel takes fp32, but not its meta kernel, which torch.compile traces.
+    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -7,11 +7,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from components.linear import LinearFactory, make_linear
 from components.moe import GroupedExperts
 from research import metrics as M
+from research import speed
 from research.model import ModelConfig, Transformer
 
 
@@ -30,10 +31,13 @@ def _unwrapped(name: str) -> str:
 
 class LitLM(L.LightningModule):
     def __init__(self, model_cfg: ModelConfig, optim: dict[str, Any], token_bytes: torch.Tensor,
-                 linear: LinearFactory = make_linear):  # fmt: skip
+                 linear: LinearFactory = make_linear, speed_options: dict | None = None):  # fmt: skip
         super().__init__()
         self.model = Transformer(model_cfg, linear)
         self.optim = dict(optim)
+        # trainer.compile / trainer.fused_loss (research.speed), applied once the device is known
+        self.speed_options = {"compile": False, "fused_loss": False, **(speed_options or {})}
+        self._configured = False
         # Optimiser group of every parameter, decided here on the plain model: once FSDP shards it,
         # shapes no longer tell a matrix from a norm. Routed experts get a group of their own
         # (sharding strategies such as DeepSpeed's MoE path key on it); norms are not decayed.
@@ -48,6 +52,19 @@ class LitLM(L.LightningModule):
         self.register_buffer(
             "token_bytes", torch.as_tensor(token_bytes, dtype=torch.float64), persistent=False
         )
+
+    def configure_model(self) -> None:
+        # Here, not in __init__: "auto" needs the device, known once the strategy is set up.
+        # Lightning calls this again for a validate after fit: once is enough.
+        if self._configured:
+            return
+        strategy = self.trainer.strategy
+        device, sharded = strategy.root_device, isinstance(strategy, FSDPStrategy | DeepSpeedStrategy)
+        if speed.enabled("fused_loss", self.speed_options["fused_loss"], device, sharded):
+            speed.fuse_loss(self.model, sharded)
+        if speed.enabled("compile", self.speed_options["compile"], device, sharded):
+            speed.compile_blocks(self.model)
+        self._configured = True
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         out = self.model(batch[:, :-1], batch[:, 1:])

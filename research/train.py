@@ -70,7 +70,11 @@ def build(cfg: DictConfig) -> tuple[LMDataModule, LitLM]:
     corpus = data.prepare()
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     module = LitLM(
-        model_config(cfg, corpus.vocab_size), optim, torch.from_numpy(corpus.token_bytes), linear_factory(cfg)
+        model_config(cfg, corpus.vocab_size),
+        optim,
+        torch.from_numpy(corpus.token_bytes),
+        linear_factory(cfg),
+        {key: cfg.trainer.get(key, False) for key in ("compile", "fused_loss")},
     )
     apply_precision_recipe(module.model, cfg)
     return data, module
