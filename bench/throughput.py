@@ -1,0 +1,340 @@
+"""Training throughput against the peers a researcher would otherwise pick: transformers'
+DeepseekV3ForCausalLM (the MoE pair) and LlamaForCausalLM (the dense pair), each built from the
+same config as ours, with the same number of weights, on one GPU.
+
+    python -m bench.throughput [--steps 20] [--pairs moe,dense] [--peers eager,compiled] [--layers]
+    python -m bench.throughput --tiny --device cpu --steps 2   # a smoke run of the script itself
+
+Every arm trains the same way: bf16 autocast over fp32 weights, fused AdamW, batch 8 x 2048, a few
+warm-up steps, then the median of the timed steps (CUDA events). Ours is the model training runs
+(``research.model.Transformer``) with the speed options training applies on a GPU
+(``research.speed``: ``trainer.compile``, ``trainer.fused_loss``; ``--ours`` picks them, several
+variants give each option's gain); its aux-free bias update is part of its step, as in training.
+MFU counts one model's FLOPs for both sides of a pair (``Transformer.flops_per_token``). Before the
+timings, ours plain and each variant compute the loss of one batch from the same weights.
+
+Needs torch and transformers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import transformers
+from torch import nn
+
+from components.ffn import FFN
+from components.linear import make_linear
+from research import speed
+from research.hf_import import config_from_hf_deepseek_v3, from_hf_deepseek_v3
+from research.model import ModelConfig, Transformer
+
+PEAK_TFLOPS = {"cuda": 989.4, "cpu": float("nan")}  # H200 dense bf16, no sparsity
+
+
+@dataclass
+class Shape:
+    """The issue's comparison shape; ``tiny`` shrinks it for a smoke run on a CPU."""
+
+    vocab: int = 32000
+    d_model: int = 1024
+    n_layers: int = 8
+    n_heads: int = 16
+    ffn_hidden: int = 2816
+    n_experts: int = 64
+    top_k: int = 6
+    expert_dim: int = 256
+    batch: int = 8
+    seq: int = 2048
+
+    @classmethod
+    def tiny(cls) -> Shape:
+        return cls(vocab=512, d_model=128, n_layers=2, n_heads=4, ffn_hidden=256, n_experts=8, top_k=2,
+                   expert_dim=64, batch=2, seq=128)  # fmt: skip
+
+
+def moe_config(s: Shape) -> transformers.DeepseekV3Config:
+    """DeepSeek-V3's shape at small scale: MLA, a dense first layer, then routed experts and one
+    shared expert."""
+    head = s.d_model // s.n_heads
+    return transformers.DeepseekV3Config(
+        vocab_size=s.vocab,
+        hidden_size=s.d_model,
+        intermediate_size=s.ffn_hidden,  # the dense first layer
+        moe_intermediate_size=s.expert_dim,
+        num_hidden_layers=s.n_layers,
+        num_attention_heads=s.n_heads,
+        num_key_value_heads=s.n_heads,
+        q_lora_rank=s.d_model // 2,
+        kv_lora_rank=s.d_model // 4,
+        qk_nope_head_dim=head,
+        qk_rope_head_dim=head // 2,
+        v_head_dim=head,
+        n_routed_experts=s.n_experts,
+        num_experts_per_tok=s.top_k,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        max_position_embeddings=s.seq,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+
+
+def dense_config(s: Shape) -> ModelConfig:
+    """A Llama in our terms: MHA and a SwiGLU FFN, untied embeddings."""
+    return ModelConfig(
+        vocab_size=s.vocab,
+        d_model=s.d_model,
+        n_layers=s.n_layers,
+        attention={"name": "mha", "n_heads": s.n_heads},
+        ffn={"name": "dense", "hidden_dim": s.ffn_hidden},
+    )
+
+
+def moe_pair(s: Shape) -> tuple[Transformer, nn.Module]:
+    """Ours is converted from the peer's weights, so both hold the same numbers."""
+    peer = transformers.DeepseekV3ForCausalLM(moe_config(s))
+    return from_hf_deepseek_v3(peer.config.to_dict(), peer.state_dict()), peer
+
+
+def dense_pair(s: Shape) -> tuple[Transformer, nn.Module]:
+    peer = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=s.vocab,
+            hidden_size=s.d_model,
+            intermediate_size=s.ffn_hidden,
+            num_hidden_layers=s.n_layers,
+            num_attention_heads=s.n_heads,
+            num_key_value_heads=s.n_heads,
+            max_position_embeddings=s.seq,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+    )
+    return Transformer(dense_config(s)), peer
+
+
+PAIRS = {"moe": ("ours mla+moe", "transformers DeepseekV3", moe_pair),
+         "dense": ("ours mha+dense", "transformers Llama", dense_pair)}  # fmt: skip
+
+
+@dataclass
+class Timing:
+    ms: float  # median step
+    tokens_per_s: float
+    peak_gib: float
+    loss: float
+
+
+def _ours_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch[:, :-1], batch[:, 1:]).loss
+
+
+def _peer_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    inputs = batch[:, :-1]  # transformers shifts the labels itself: the same next-token task
+    return model(input_ids=inputs, labels=inputs).loss
+
+
+def time_training(model: nn.Module, loss_of: Callable, batch: torch.Tensor, steps: int, warmup: int,
+                  after_step: Callable = lambda: None, profile: bool = False) -> Timing:  # fmt: skip
+    device = batch.device
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_of(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        after_step()
+        return loss
+
+    for _ in range(warmup):  # compiles, autotunes, allocates the optimiser state
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses.append(step().detach())
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            losses.append(step().detach())
+            times.append((time.perf_counter() - t0) * 1e3)
+    ms = sorted(times)[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if profile:
+        _print_profile(step)
+    return Timing(ms, batch[:, :-1].numel() / ms * 1e3, peak, float(losses[-1]))
+
+
+def _print_profile(step: Callable, steps: int = 3) -> None:
+    """GPU time per kernel over a few steps: where a step's time goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+def _fresh(model: nn.Module, device: torch.device) -> nn.Module:
+    return copy.deepcopy(model).to(device).train()
+
+
+OURS_OPTIONS = ("compile", "fused_loss")  # research.speed's options, as trainer.* applies them
+
+
+def with_options(model: Transformer, options: str) -> Transformer:
+    """``options``: "plain", or speed options joined by "+" (e.g. "compile+fused_loss")."""
+    if "fused_loss" in options:
+        speed.fuse_loss(model)
+    if "compile" in options:
+        speed.compile_blocks(model)
+    return model
+
+
+def numerics_check(ours: Transformer, batch: torch.Tensor, options: str) -> tuple[float, float]:
+    """The loss of one batch from the same weights, ours plain and ours with ``options``."""
+    plain, fast = _fresh(ours, batch.device), with_options(_fresh(ours, batch.device), options)
+    with torch.no_grad(), torch.autocast(batch.device.type, dtype=torch.bfloat16):
+        return float(_ours_loss(plain, batch)), float(_ours_loss(fast, batch))
+
+
+def run_pair(name: str, s: Shape, device: torch.device, steps: int, warmup: int, ours_variants: list[str],
+             peer_modes: list[str], profile: bool) -> None:  # fmt: skip
+    ours_name, peer_name, build = PAIRS[name]
+    torch.manual_seed(0)
+    ours, peer = build(s)
+    n_ours, n_peer = (sum(p.numel() for p in m.parameters()) for m in (ours, peer))
+    assert n_ours == n_peer, f"{name}: {n_ours:,} weights in ours, {n_peer:,} in the peer"
+    flops = ours.flops_per_token(s.seq)
+    batch = torch.randint(0, s.vocab, (s.batch, s.seq + 1), device=device)
+    print(f"\n{name}: {n_ours / 1e6:.1f}M weights both, {flops / 1e9:.2f} GFLOP per token (training)")
+    for options in ours_variants:
+        if options != "plain":
+            plain, fast = numerics_check(ours, batch, options)
+            print(f"loss of one batch, ours plain {plain:.5f} vs {options} {fast:.5f} "
+                  f"(rel. difference {abs(fast - plain) / plain:.1e})")  # fmt: skip
+
+    arms: list[tuple[str, str, Timing]] = []
+    for options in ours_variants:
+        model = with_options(_fresh(ours, device), options)
+        timing = time_training(model, _ours_loss, batch, steps, warmup, model.update_balance_bias, profile)
+        arms.append((ours_name, options, timing))
+        del model
+    for mode in peer_modes:
+        model = _fresh(peer, device)
+        if mode == "compiled":
+            model = torch.compile(model)
+        arms.append((peer_name, mode, time_training(model, _peer_loss, batch, steps, warmup)))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    peak_flops = PEAK_TFLOPS[device.type] * 1e12
+    ours_tps = arms[len(ours_variants) - 1][2].tokens_per_s  # the last of ours: the fastest asked for
+    print(f"{'model':<26}{'options':<21}{'ms/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}"
+          f"{'loss':>8}{'ours/this':>11}")  # fmt: skip
+    for model_name, mode, t in arms:
+        mfu = flops * t.tokens_per_s / peak_flops
+        print(f"{model_name:<26}{mode:<21}{t.ms:>9.1f}{t.tokens_per_s:>11,.0f}{mfu:>7.1%}{t.peak_gib:>10.2f}"
+              f"{t.loss:>8.3f}{ours_tps / t.tokens_per_s:>10.2f}x")  # fmt: skip
+
+
+def _time_layer(layer: nn.Module, x: torch.Tensor, call: Callable, iters: int = 10) -> float:
+    """Median ms of one fwd+bwd of ``layer`` under bf16 autocast (after 3 warm-up calls)."""
+
+    def run() -> None:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = call(layer, x)
+        out.float().square().mean().backward()
+
+    if x.device.type != "cuda":
+        run()
+        return float("nan")
+    from bench.timing import time_ms
+
+    return time_ms(run, iters)
+
+
+def layers(s: Shape, device: torch.device) -> None:
+    """Per-layer fwd+bwd, eager and compiled, of the modules the models are built from: MHA vs MLA
+    attention, and the MoE layer vs a dense FFN of equal active FLOPs (hidden = (top_k + 1 shared)
+    x expert_dim)."""
+    moe = Transformer(config_from_hf_deepseek_v3(moe_config(s).to_dict()))
+    dense = Transformer(dense_config(s))
+    equal_active = {"name": "dense", "hidden_dim": (s.top_k + 1) * s.expert_dim}
+    x = torch.randn(s.batch, s.seq, s.d_model, device=device, requires_grad=True)
+    positions = torch.arange(s.seq, device=device)
+    attention = lambda layer, x: layer(x, positions)  # noqa: E731
+    ffn = lambda layer, x: layer(x)  # noqa: E731
+    candidates = {
+        "attention MHA": (dense.blocks[0].attn, attention),
+        "attention MLA": (moe.blocks[1].attn, attention),
+        "MoE layer": (moe.blocks[1].ffn, ffn),
+        "dense FFN, equal active": (FFN.build(equal_active, d_model=s.d_model, linear=make_linear), ffn),
+    }
+    print(f"\nlayers, fwd+bwd of [{s.batch}, {s.seq}, {s.d_model}] (median ms)")
+    print(f"{'layer':<26}{'eager':>9}{'compiled':>10}")
+    for name, (layer, call) in candidates.items():
+        layer = layer.to(device)
+        eager = _time_layer(layer, x, call)
+        layer.compile()
+        compiled = _time_layer(layer, x, call)
+        print(f"{name:<26}{eager:>9.3f}{compiled:>10.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per arm (the median counts)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--pairs", default="moe,dense", help=f"comma-separated: {', '.join(PAIRS)}")
+    parser.add_argument("--peers", default="eager,compiled", help="the peers' modes: eager, compiled")
+    parser.add_argument("--ours", default="compile+fused_loss",
+                        help="comma-separated variants of ours: plain, or options joined by + "
+                        f"({', '.join(OURS_OPTIONS)}); the last is compared with the peers")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="print ours' GPU time per kernel")
+    parser.add_argument("--layers", action="store_true", help="also the per-layer microbenchmarks")
+    parser.add_argument("--tiny", action="store_true", help="a tiny shape: a smoke run of this script")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    pairs, peers = args.pairs.split(","), args.peers.split(",")
+    for what, given, allowed in (("--pairs", pairs, PAIRS), ("--peers", peers, ("eager", "compiled"))):
+        if unknown := set(given) - set(allowed):
+            parser.error(f"unknown {what} {sorted(unknown)}; choose from {', '.join(allowed)}")
+    device = torch.device(args.device)
+    s = Shape.tiny() if args.tiny else Shape()
+    torch.set_float32_matmul_precision("high")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {name}; "
+          f"batch {s.batch} x seq {s.seq}, {args.steps} timed steps after {args.warmup}")  # fmt: skip
+    ours = args.ours.split(",")
+    for variant in ours:
+        if unknown := set(variant.split("+")) - {"plain", *OURS_OPTIONS}:
+            parser.error(
+                f"unknown --ours option {sorted(unknown)}; choose from plain, {', '.join(OURS_OPTIONS)}"
+            )
+    for pair in pairs:
+        run_pair(pair, s, device, args.steps, args.warmup, ours, peers, args.profile)
+    if args.layers:
+        layers(s, device)
+
+
+if __name__ == "__main__":
+    main()
