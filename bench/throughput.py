@@ -6,10 +6,11 @@ same config as ours, with the same number of weights, on one GPU.
     python -m bench.throughput --tiny --device cpu --steps 2   # a smoke run of the script itself
 
 Every arm trains the same way: bf16 autocast over fp32 weights, fused AdamW, batch 8 x 2048, a few
-warm-up steps, then the median of the timed steps (CUDA events). Ours is the model training runs
-(``research.model.Transformer``) with the speed options training applies on a GPU
-(``research.speed``: ``trainer.compile``, ``trainer.fused_loss``; ``--ours`` picks them, several
-variants give each option's gain); its aux-free bias update is part of its step, as in training.
+warm-up steps, then the median of the timed steps (a CUDA event between each two, no waiting).
+Ours is the model training runs (``research.model.Transformer``) with the speed options training
+applies on a GPU (``research.speed``: ``trainer.compile``, ``trainer.fused_loss``; ``--ours``
+picks them, several variants give each option's gain); its aux-free bias update is part of its
+step, as in training.
 MFU counts one model's FLOPs for both sides of a pair (``Transformer.flops_per_token``). Before the
 timings, ours plain and each variant compute the loss of one batch from the same weights.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,16 +165,20 @@ def time_training(model: nn.Module, loss_of: Callable, batch: torch.Tensor, step
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    # One event per step boundary and a single wait at the end: the steps queue up as in a training
+    # loop that never waits on the GPU, so a host slower than its GPU shows, a forced idle does not.
+    losses = []
+    if device.type == "cuda":
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        marks[0].record()
+        for mark in marks[1:]:
             losses.append(step().detach())
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+            mark.record()
+        marks[-1].synchronize()
+        times = [a.elapsed_time(b) for a, b in itertools.pairwise(marks)]
+    else:
+        times = []
+        for _ in range(steps):
             t0 = time.perf_counter()
             losses.append(step().detach())
             times.append((time.perf_counter() - t0) * 1e3)
