@@ -4,7 +4,6 @@ that stops runs which diverged."""
 from __future__ import annotations
 
 import contextlib
-import math
 import resource
 import sys
 import time
@@ -62,36 +61,52 @@ def peak_memory_gib(device: torch.device) -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def on_log_step(trainer: L.Trainer) -> bool:
+    """Whether this step's metrics reach the loggers. Reading a GPU value waits for the GPU and
+    leaves it idle while the host queues the next step, so per-step readings happen only then."""
+    return trainer.global_step % trainer.log_every_n_steps == 0
+
+
 class PerfMonitor(L.Callback):
-    """``perf/step_ms`` per step, and ``perf/tokens_per_s`` (the job's and per GPU) and ``perf/mfu``
-    averaged over every step after ``warmup_steps`` (compilation and allocator warm-up excluded), plus
-    peak memory per GPU (the largest rank's) and for the whole job."""
+    """``perf/step_ms`` (the mean over the steps since the last log), and ``perf/tokens_per_s``
+    (the job's and per GPU) and ``perf/mfu`` averaged over every step after ``warmup_steps``
+    (compilation and allocator warm-up excluded), plus peak memory per GPU (the largest rank's) and
+    for the whole job. It waits for the GPU only on logging steps: between them steps queue up."""
 
     def __init__(self, warmup_steps: int, seq_len: int):
         self.warmup_steps, self.seq_len = warmup_steps, seq_len
-        self._last: float | None = None
+        self._mark: float | None = None  # when the current window began (the GPU caught up)
+        self._window_steps = self._window_tokens = 0
         self._tokens = 0
         self._seconds = 0.0
 
+    def _now(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        now = time.perf_counter()
-        last, self._last = self._last, now
-        if last is None or trainer.global_step <= self.warmup_steps:
+        if self._mark is None or trainer.global_step <= self.warmup_steps:
+            self._mark, self._window_steps, self._window_tokens = self._now(pl_module.device), 0, 0
             return
-        step_s = now - last
-        self._tokens += batch[:, 1:].numel() * trainer.world_size  # ranks step in lockstep
-        self._seconds += step_s
+        self._window_steps += 1
+        self._window_tokens += batch[:, 1:].numel() * trainer.world_size  # ranks step in lockstep
+        if not on_log_step(trainer):
+            return
+        now = self._now(pl_module.device)
+        window_s, self._mark = now - self._mark, now
+        self._tokens += self._window_tokens
+        self._seconds += window_s
         tokens_per_s = self._tokens / self._seconds
         values = {
-            M.STEP_MS: 1000 * step_s,
+            M.STEP_MS: 1000 * window_s / self._window_steps,
             M.TOKENS_PER_S: tokens_per_s,
             M.TOKENS_PER_S_PER_GPU: tokens_per_s / trainer.world_size,
         }
+        self._window_steps = self._window_tokens = 0
         mem = torch.tensor([peak_memory_gib(pl_module.device)] * 2, device=pl_module.device)
-        if trainer.world_size > 1:  # one small all-reduce per step; the step already synchronised
+        if trainer.world_size > 1:  # one small all-reduce per logging step
             mem = torch.cat([trainer.strategy.reduce(mem[:1], reduce_op="max"),
                              trainer.strategy.reduce(mem[1:], reduce_op="sum")])  # fmt: skip
         values[M.PEAK_MEM_GIB], values[M.PEAK_MEM_GIB_JOB] = mem.tolist()
@@ -108,7 +123,7 @@ class PerfMonitor(L.Callback):
         reset_peak_memory(pl_module.device)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last = None  # evaluation time is not training time
+        self._mark = None  # evaluation time is not training time
 
 
 class MoEMonitor(L.Callback):
@@ -119,7 +134,7 @@ class MoEMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         layers = pl_module.model.moe_layers()
-        if layers:
+        if layers and on_log_step(trainer):  # MaxVio reads the loads on the host
             pl_module.log(M.MAXVIO_BATCH, sum(max_violation(m.last_load) for m in layers) / len(layers))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -155,12 +170,26 @@ class StaticMetrics(L.Callback):
 
 
 class DivergenceGuard(L.Callback):
-    """Stops a run the moment its loss is NaN or infinite, with the step and value as the reason."""
+    """Stops a run whose loss turned NaN or infinite, with the first such step and value as the
+    reason. The check reads the loss on the host every ``check_every`` steps (make it divide the
+    checkpoint interval, so no diverged weights are saved); between checks the first bad step is
+    kept on the device, which needs no waiting."""
+
+    def __init__(self, check_every: int = 1):
+        self.check_every = check_every
+        self._first_bad: torch.Tensor | None = None  # [step, loss] of the first non-finite loss
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any
     ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"loss is {value} at step {trainer.global_step}")
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach().float()
+        if self._first_bad is None:
+            self._first_bad = torch.tensor([-1.0, 0.0], device=loss.device)
+        # torch.full launches a fill; torch.tensor(step, device=...) would copy, and wait for the GPU
+        here = torch.stack([torch.full((), float(trainer.global_step), device=loss.device), loss])
+        first = ~torch.isfinite(loss) & (self._first_bad[0] < 0)
+        self._first_bad = torch.where(first, here, self._first_bad)
+        if trainer.global_step % self.check_every == 0:
+            step, value = self._first_bad.tolist()
+            if step >= 0:
+                raise TrainingDiverged(f"loss is {value} at step {int(step)}")

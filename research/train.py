@@ -7,6 +7,7 @@ bad input costs seconds and leaves the records as they were.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,11 +121,11 @@ def train(
         PerfMonitor(t.perf_warmup_steps, cfg.data.seq_len),
         moe_monitor,
         StaticMetrics(),
-        DivergenceGuard(),
+        DivergenceGuard(math.gcd(t.log_every, t.checkpoint_every)),
         LearningRateMonitor(logging_interval="step"),
     ]
     if t.progress_bar:
-        callbacks.append(RichProgressBar())
+        callbacks.append(RichProgressBar(refresh_rate=t.log_every))  # a refresh reads the loss: a GPU wait
     if preemption.on_slurm():
         callbacks.append(preemption.RequeueOnSignal(ckpt_dir, t.requeue_signal))
     trainer = L.Trainer(

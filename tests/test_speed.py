@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from components.loss import chunk_for, linear_cross_entropy
+from research import metrics as M
 from research import speed
+from research.callbacks import DivergenceGuard, PerfMonitor
+from research.errors import TrainingDiverged
 from research.model import Transformer
 from research.module import LitLM
 from tests.conftest import tiny_config
@@ -134,3 +137,35 @@ def test_the_module_applies_the_options_once_the_device_is_known(device, applied
     module.model.loss_chunk = -1
     module.configure_model()  # again, as Lightning does for a validate after fit: nothing changes
     assert module.model.loss_chunk == -1
+
+
+# --- the callbacks read GPU values only on logging / check steps (each read waits for the GPU) ---
+
+
+def _trainer(step: int, log_every: int = 3):
+    return SimpleNamespace(global_step=step, log_every_n_steps=log_every, world_size=1)
+
+
+def test_divergence_guard_reports_the_first_bad_step_at_its_next_check():
+    guard = DivergenceGuard(check_every=4)
+    losses = {1: 2.0, 2: 1.9, 3: 1.8, 4: 1.7, 5: 1.6, 6: float("nan"), 7: float("inf")}
+    for step, loss in losses.items():  # step 4 is checked and finite; 5-7 are not checked
+        guard.on_train_batch_end(_trainer(step), None, {"loss": torch.tensor(loss)})
+    with pytest.raises(TrainingDiverged, match=r"^loss is nan at step 6$"):
+        guard.on_train_batch_end(_trainer(8), None, {"loss": torch.tensor(1.0)})
+
+
+def test_perf_monitor_logs_each_window_on_logging_steps(monkeypatch):
+    clock = iter([0.0, 1.0, 4.0, 5.0, 6.0, 10.0])  # a reading at the warm-up step and each log step
+    monkeypatch.setattr("research.callbacks.time.perf_counter", lambda: next(clock))
+    logged = []
+    module = SimpleNamespace(device=torch.device("cpu"), log_dict=lambda v: logged.append(v),
+                             model=SimpleNamespace(flops_per_token=lambda seq: 1.0))  # fmt: skip
+    monitor = PerfMonitor(warmup_steps=1, seq_len=4)
+    monitor.setup(None, module, "fit")
+    batch = torch.zeros(2, 5, dtype=torch.long)  # 8 tokens per step
+    for step in range(1, 8):
+        monitor.on_train_batch_end(_trainer(step), module, None, batch, step)
+    # the window starts after step 1 (clock 0); logs at steps 3 (clock 1) and 6 (clock 4)
+    assert [round(v[M.STEP_MS]) for v in logged] == [500, 1000]  # 2 steps in 1 s, 3 steps in 3 s
+    assert logged[-1][M.TOKENS_PER_S] == 40 / 4
