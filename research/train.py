@@ -75,7 +75,7 @@ def build(cfg: DictConfig) -> tuple[LMDataModule, LitLM]:
         optim,
         torch.from_numpy(corpus.token_bytes),
         linear_factory(cfg),
-        {key: cfg.trainer.get(key, False) for key in ("compile", "fused_loss")},
+        speed_options(cfg.trainer),
     )
     apply_precision_recipe(module.model, cfg)
     return data, module
@@ -176,6 +176,15 @@ def deterministic(t: DictConfig) -> bool | str:
     value = t.get("deterministic", False)
     require(value in DETERMINISTIC, "trainer.deterministic", value, "false, true, warn")
     return value
+
+
+def speed_options(t: DictConfig) -> dict:
+    """``trainer.compile`` and ``trainer.fused_loss`` (research.speed). ``auto`` leaves compiling
+    off in a deterministic run: its kernels' determinism (scatters, index_add) is not verified."""
+    options = {key: t.get(key, False) for key in ("compile", "fused_loss")}
+    if options["compile"] == "auto" and deterministic(t) is True:
+        options["compile"] = False
+    return options
 
 
 def run_dir_of_hydra_job() -> tuple[Path, list[str]]:

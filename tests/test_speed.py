@@ -1,11 +1,13 @@
 """Speed options change the speed, not the numbers: the fused head + cross-entropy against the
-plain path, per-block compilation against eager, and how the trainer settings resolve."""
+plain path, per-block compilation against eager, how the trainer settings resolve, and the
+callbacks that now read GPU values only every few steps."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from components.loss import chunk_for, linear_cross_entropy
 from research import metrics as M
@@ -14,6 +16,7 @@ from research.callbacks import DivergenceGuard, PerfMonitor
 from research.errors import TrainingDiverged
 from research.model import Transformer
 from research.module import LitLM
+from research.train import speed_options
 from tests.conftest import tiny_config
 
 
@@ -169,3 +172,12 @@ def test_perf_monitor_logs_each_window_on_logging_steps(monkeypatch):
     # the window starts after step 1 (clock 0); logs at steps 3 (clock 1) and 6 (clock 4)
     assert [round(v[M.STEP_MS]) for v in logged] == [500, 1000]  # 2 steps in 1 s, 3 steps in 3 s
     assert logged[-1][M.TOKENS_PER_S] == 40 / 4
+
+
+def test_a_deterministic_run_is_not_compiled_unless_asked():
+    t = OmegaConf.create({"compile": "auto", "fused_loss": "auto", "deterministic": True})
+    assert speed_options(t) == {"compile": False, "fused_loss": "auto"}
+    t.compile = True
+    assert speed_options(t)["compile"] is True
+    t.deterministic, t.compile = False, "auto"
+    assert speed_options(t)["compile"] == "auto"
