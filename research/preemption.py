@@ -64,11 +64,15 @@ class RequeueOnSignal(L.Callback):
         install(signal_name)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        flag = torch.tensor([float(_requested)], device=pl_module.device)
+        requested = _requested  # one process reads its own flag: no GPU tensor, no wait
         if trainer.world_size > 1:  # ranks get the signal at slightly different steps: agree on one
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
-        if not flag.item():
+            flag = torch.tensor([float(_requested)], device=pl_module.device)
+            requested = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if not requested:
             return
+        # This step's metrics reach the loggers only after this hook, and the resumed run starts at
+        # the next step: send them now (Lightning's own call, which has no public door) or lose them.
+        trainer._logger_connector.update_train_step_metrics()
         trainer.save_checkpoint(self.path)  # every rank: sharded strategies write their shards
         if trainer.is_global_zero:
             for logger in trainer.loggers:
