@@ -101,6 +101,11 @@ class LitLM(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:  # fmt: skip
+        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused"):
+            # Lightning refuses to clip for a fused optimizer, which could unscale fp16 gradients
+            # itself; precisions here are fp32 and bf16, with nothing to unscale.
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
         if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
             # Lightning's FSDP precision refuses to clip by norm; FSDP itself computes the norm over
             # every shard.
@@ -115,9 +120,11 @@ class LitLM(L.LightningModule):
                    "weight_decay": 0.0 if g == "no_decay" else o["weight_decay"]}
                   for g in ("dense", "experts", "no_decay")]  # fmt: skip
         groups = [g for g in groups if g["params"]]
-        # Not fused: Lightning refuses gradient clipping with a fused optimizer under mixed precision.
-        # The default multi-tensor (foreach) kernels are used on GPU instead.
-        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+        # Fused (the whole update in one kernel per group) on a GPU without a sharding strategy,
+        # whose wrappers own the parameters; elsewhere the default multi-tensor kernels.
+        sharded = (FSDPStrategy, DeepSpeedStrategy)
+        fused = self.device.type == "cuda" and not isinstance(self.trainer.strategy, sharded)
+        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, o["warmup_steps"], o["total_steps"], o["min_lr_ratio"])
         )

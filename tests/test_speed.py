@@ -181,3 +181,14 @@ def test_a_deterministic_run_is_not_compiled_unless_asked():
     assert speed_options(t)["compile"] is True
     t.deterministic, t.compile = False, "auto"
     assert speed_options(t)["compile"] == "auto"
+
+
+def test_a_fused_optimizer_is_clipped_by_the_module_itself():
+    """Lightning refuses to clip for fused optimizers; the module clips them (by the global norm)."""
+    module = LitLM(tiny_config(), {}, torch.ones(64))
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    opt = torch.optim.AdamW(module.parameters(), fused=True)
+    module.configure_gradient_clipping(opt, 1.0, "norm")
+    norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in module.parameters()])
+    assert abs(float(torch.linalg.vector_norm(norms)) - 1.0) < 1e-4
