@@ -14,7 +14,7 @@ step, as in training.
 MFU counts one model's FLOPs for both sides of a pair (``Transformer.flops_per_token``). Before the
 timings, ours plain and each variant compute the loss of one batch from the same weights.
 
-Needs torch and transformers only.
+Needs torch, Lightning and transformers (all in the device image), not MLflow or Hydra.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ import torch
 import transformers
 from torch import nn
 
+from bench.timing import time_ms
 from components.ffn import FFN
 from components.linear import make_linear
 from research import speed
+from research.callbacks import device_peak_flops
 from research.hf_import import config_from_hf_deepseek_v3, from_hf_deepseek_v3
 from research.model import ModelConfig, Transformer
-
-PEAK_TFLOPS = {"cuda": 989.4, "cpu": float("nan")}  # H200 dense bf16, no sparsity
 
 
 @dataclass
@@ -253,7 +253,7 @@ def run_pair(name: str, s: Shape, device: torch.device, steps: int, warmup: int,
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    peak_flops = PEAK_TFLOPS[device.type] * 1e12
+    peak_flops = device_peak_flops(device) or float("nan")  # the table training's MFU uses
     ours_tps = arms[len(ours_variants) - 1][2].tokens_per_s  # the last of ours: the fastest asked for
     print(f"{'model':<26}{'options':<21}{'ms/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}"
           f"{'loss':>8}{'ours/this':>11}")  # fmt: skip
@@ -274,8 +274,6 @@ def _time_layer(layer: nn.Module, x: torch.Tensor, call: Callable, iters: int = 
     if x.device.type != "cuda":
         run()
         return float("nan")
-    from bench.timing import time_ms
-
     return time_ms(run, iters)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 LinearFactory = Callable[[int, int], nn.Module]
@@ -19,3 +20,10 @@ LinearFactory = Callable[[int, int], nn.Module]
 def make_linear(in_features: int, out_features: int) -> nn.Module:
     """The default projection: a bias-free ``nn.Linear`` (DeepSeek-V3 uses no biases)."""
     return nn.Linear(in_features, out_features, bias=False)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: autocast's where it is on, else x's own (for code that
+    casts its operands itself, as grouped GEMMs and the fused loss do)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import torch
 
+from components.linear import compute_dtype
+
 IGNORE = -100
 
 
 def chunk_for(vocab_size: int, logits_bytes: int = 2**29) -> int:
     """Tokens per chunk whose fp32 logits take ``logits_bytes`` (512 MiB by default)."""
     return max(1, logits_bytes // (4 * vocab_size))
-
-
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    device = h.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -65,7 +62,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` [N, V] against ``targets`` [N] (-100 ignored),
     ``chunk`` tokens at a time; h [N, C], weight [V, C]."""
-    dtype = _compute_dtype(h)
+    dtype = compute_dtype(h)
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     with torch.autocast(h.device.type, enabled=False):  # dtypes are set above, as autocast would
         return _LinearCrossEntropy.apply(h, weight, targets, chunk, dtype, with_grad)

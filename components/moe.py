@@ -21,7 +21,7 @@ from torch import nn
 from components.balance import LoadBalance
 from components.ffn import FFN, SwiGLU
 from components.fp8 import TILE, fake_quantize_blocks, fake_quantize_tiles, round_up
-from components.linear import LinearFactory
+from components.linear import LinearFactory, compute_dtype
 from components.registry import require
 
 SCORE_FUNCS = ("sigmoid", "softmax")
@@ -75,11 +75,6 @@ class Router(nn.Module):
         best = group_score.topk(self.topk_groups, dim=-1).indices
         keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
         return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, -1)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -191,7 +186,7 @@ class GroupedExperts(nn.Module):
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_expert, torch.ones_like(flat_expert)
         )
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         h = self._mm(x[token].to(dtype), self.w_gate_up.to(dtype), counts)
         gate, up = h.chunk(2, dim=-1)
         out = self._mm(F.silu(gate) * up, self.w_down.to(dtype), counts)

@@ -58,13 +58,16 @@ class LitLM(L.LightningModule):
         # Lightning calls this again for a validate after fit: once is enough.
         if self._configured:
             return
-        strategy = self.trainer.strategy
-        device, sharded = strategy.root_device, isinstance(strategy, FSDPStrategy | DeepSpeedStrategy)
+        device, sharded = self.trainer.strategy.root_device, self._sharded()
         if speed.enabled("fused_loss", self.speed_options["fused_loss"], device, sharded):
             speed.fuse_loss(self.model, sharded)
         if speed.enabled("compile", self.speed_options["compile"], device, sharded):
             speed.compile_blocks(self.model)
         self._configured = True
+
+    def _sharded(self) -> bool:
+        """Whether a sharding strategy's wrappers own the parameters (FSDP, DeepSpeed)."""
+        return isinstance(self.trainer.strategy, FSDPStrategy | DeepSpeedStrategy)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         out = self.model(batch[:, :-1], batch[:, 1:])
@@ -122,8 +125,7 @@ class LitLM(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         # Fused (the whole update in one kernel per group) on a GPU without a sharding strategy,
         # whose wrappers own the parameters; elsewhere the default multi-tensor kernels.
-        sharded = (FSDPStrategy, DeepSpeedStrategy)
-        fused = self.device.type == "cuda" and not isinstance(self.trainer.strategy, sharded)
+        fused = self.device.type == "cuda" and not self._sharded()
         opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, o["warmup_steps"], o["total_steps"], o["min_lr_ratio"])
