@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from research import metrics as M
 from research.compare import REPORT_TAG
 from research.data import RandomWindows
-from research.slurm import run_overrides, sbatch_options
+from research.slurm import run_overrides, sbatch_options, wait
 from research.strategies import make_strategy
 from tests.cli_helpers import TINY, error_line, history, lab, run_lab, runs
 from tests.test_grid import write_grid
@@ -74,21 +74,36 @@ def test_grid_runs_as_a_job_array_and_lands_in_mlflow_with_job_ids(tmp_path, sha
     assert status.stdout.count("COMPLETED") == 2 and status.stdout.count("FINISHED") == 2
 
 
-def test_time_limit_signals_checkpoints_requeues_and_resumes_into_one_run(tmp_path, shared_cache, slurm):
-    # ~20 s of training per minute-long allocation: Slurm's warning comes 30 s before the limit.
+def test_the_time_limit_warning_checkpoints_requeues_and_resumes_into_one_run(tmp_path, shared_cache, slurm):
+    # Slurm sends the warning (sbatch --signal) up to a minute before it is due, so a test of a short
+    # time limit would race the training's speed: here scancel sends the same signal once the run is
+    # under way, and the submission is checked for asking Slurm to send it before the limit.
     write_grid(tmp_path, "slong", "params: {attention: [mha]}\nseeds: [0]")
     steps = ["data.batch_size=4", "trainer.max_steps=2000", "trainer.val_every=1000", "trainer.log_every=50",
              "trainer.checkpoint_every=1000"]  # fmt: skip
-    proc = run_lab(tmp_path, "grid", "slong", *steps, "cluster=slurm_local", "cluster.time_min=1",
-                   "cluster.signal_delay_s=30", "--wait")  # fmt: skip
+    proc = run_lab(tmp_path, "grid", "slong", *steps, "cluster=slurm_local", "cluster.signal_delay_s=30")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (job,) = newest_record(tmp_path, "multirun", "slong")["jobs"]
+    script = (tmp_path / job["run_dir"]).parent / "slurm" / f"{job['job_id']}_submission.sh"
+    assert {"#SBATCH --signal=USR1@30", "#SBATCH --requeue"} <= set(script.read_text().splitlines())
+
+    def training() -> bool:
+        started = grid_runs(tmp_path, "slong")
+        return bool(started and history(tmp_path, started[0].info.run_id, M.TRAIN_LOSS))
+
+    deadline = time.monotonic() + 300
+    while not training():
+        assert time.monotonic() < deadline, "the job logged no training step in 5 minutes"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job["job_id"]], check=True)
+    assert wait([job["job_id"]], poll_s=1.0) == {job["job_id"]: "COMPLETED"}
+
     (run,) = grid_runs(tmp_path, "slong")  # one run, however many times the job started
     assert run.info.status == "FINISHED"
-    assert int(run.data.tags["resumes"]) >= 1 and int(run.data.tags["requeued_at_step"]) < 2000
+    assert run.data.tags["resumes"] == "1" and int(run.data.tags["requeued_at_step"]) < 2000
     logged = [step for step, _ in history(tmp_path, run.info.run_id, M.TRAIN_LOSS)]
     assert logged == list(range(49, 2000, 50))  # every logged step exactly once: none lost, none repeated
     assert [s for s, _ in history(tmp_path, run.info.run_id, M.VAL_LOSS)][-1] == 1999  # the last step
-    (job,) = newest_record(tmp_path, "multirun", "slong")["jobs"]
     assert (tmp_path / job["run_dir"] / "checkpoints" / "preempt.ckpt").exists()
     assert "DUE TO JOB REQUEUE" in (tmp_path / job["run_dir"] / "slurm.err").read_text()
 
