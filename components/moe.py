@@ -9,7 +9,8 @@ and multiplied by ``route_scale``. The bias therefore changes *which* experts se
 *how much* a selected expert contributes.
 
 Dispatch is vectorised: the (token, expert) pairs are sorted by expert, the experts run as one
-grouped GEMM over contiguous row blocks, and the results are scattered back with their weights.
+grouped GEMM over contiguous row blocks, and the results are permuted back and summed per token
+with their weights.
 """
 
 from __future__ import annotations
@@ -190,8 +191,11 @@ class GroupedExperts(nn.Module):
         h = self._mm(x[token].to(dtype), self.w_gate_up.to(dtype), counts)
         gate, up = h.chunk(2, dim=-1)
         out = self._mm(F.silu(gate) * up, self.w_down.to(dtype), counts)
-        out = out * weights.reshape(-1)[order, None].to(out.dtype)
-        return out.new_zeros(N, x.shape[-1]).index_add_(0, token, out), counts
+        # Back to (token, slot) order, then each token's K outputs summed with their weights: a
+        # permutation and a small batched GEMM instead of index_add_'s atomic adds (contended K
+        # ways, and not deterministic).
+        slots = out.new_empty(out.shape).index_copy(0, order, out).view(N, K, -1)  # [N, K, C]
+        return torch.bmm(weights.to(out.dtype).unsqueeze(1), slots).squeeze(1), counts
 
 
 class MoE(nn.Module):
