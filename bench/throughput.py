@@ -8,9 +8,9 @@ same config as ours, with the same number of weights, on one GPU.
 Every arm trains the same way: bf16 autocast over fp32 weights, fused AdamW, batch 8 x 2048, a few
 warm-up steps, then the median of the timed steps (a CUDA event between each two, no waiting).
 Ours is the model training runs (``research.model.Transformer``) with the speed options training
-applies on a GPU (``research.speed``: ``trainer.compile``, ``trainer.fused_loss``; ``--ours``
-picks them, several variants give each option's gain); its aux-free bias update is part of its
-step, as in training.
+applies on a GPU (``research.speed``: ``trainer.compile``, ``trainer.fused_loss``, and
+``trainer.attention_kernel`` by a kernel's name; ``--ours`` picks them, several variants give each
+option's gain); its aux-free bias update is part of its step, as in training.
 MFU counts one model's FLOPs for both sides of a pair (``Transformer.flops_per_token``). Before the
 timings, ours plain and each variant compute the loss of one batch from the same weights.
 
@@ -20,6 +20,7 @@ Needs torch, Lightning and transformers (all in the device image), not MLflow or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import time
@@ -203,14 +204,19 @@ def _fresh(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(device).train()
 
 
-OURS_OPTIONS = ("compile", "fused_loss")  # research.speed's options, as trainer.* applies them
+KERNELS = tuple(k for k in speed.ATTENTION_KERNELS if k != "auto")
+# research.speed's options, as trainer.* applies them; a kernel name pins trainer.attention_kernel
+OURS_OPTIONS = ("compile", "fused_loss", *KERNELS)
 
 
 def with_options(model: Transformer, options: str) -> Transformer:
-    """``options``: "plain", or speed options joined by "+" (e.g. "compile+fused_loss")."""
-    if "fused_loss" in options:
+    """``options``: "plain", or speed options joined by "+" (e.g. "compile+fused_loss+cudnn")."""
+    chosen = options.split("+")
+    if "fused_loss" in chosen:
         speed.fuse_loss(model)
-    if "compile" in options:
+    for kernel in set(chosen) & set(KERNELS):
+        speed.pin_attention_kernel(model, kernel, next(model.parameters()).device)
+    if "compile" in chosen:
         speed.compile_blocks(model)
     return model
 
@@ -255,11 +261,11 @@ def run_pair(name: str, s: Shape, device: torch.device, steps: int, warmup: int,
 
     peak_flops = device_peak_flops(device) or float("nan")  # the table training's MFU uses
     ours_tps = arms[len(ours_variants) - 1][2].tokens_per_s  # the last of ours: the fastest asked for
-    print(f"{'model':<26}{'options':<21}{'ms/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}"
+    print(f"{'model':<26}{'options':<28}{'ms/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}"
           f"{'loss':>8}{'ours/this':>11}")  # fmt: skip
     for model_name, mode, t in arms:
         mfu = flops * t.tokens_per_s / peak_flops
-        print(f"{model_name:<26}{mode:<21}{t.ms:>9.1f}{t.tokens_per_s:>11,.0f}{mfu:>7.1%}{t.peak_gib:>10.2f}"
+        print(f"{model_name:<26}{mode:<28}{t.ms:>9.1f}{t.tokens_per_s:>11,.0f}{mfu:>7.1%}{t.peak_gib:>10.2f}"
               f"{t.loss:>8.3f}{ours_tps / t.tokens_per_s:>10.2f}x")  # fmt: skip
 
 
@@ -288,9 +294,12 @@ def layers(s: Shape, device: torch.device) -> None:
     positions = torch.arange(s.seq, device=device)
     attention = lambda layer, x: layer(x, positions)  # noqa: E731
     ffn = lambda layer, x: layer(x)  # noqa: E731
+    mla_unpadded = copy.deepcopy(moe.blocks[1].attn)
+    mla_unpadded.pad_v = False  # the memory-efficient kernel, as before the padding
     candidates = {
         "attention MHA": (dense.blocks[0].attn, attention),
         "attention MLA": (moe.blocks[1].attn, attention),
+        "attention MLA, v unpadded": (mla_unpadded, attention),
         "MoE layer": (moe.blocks[1].ffn, ffn),
         "dense FFN, equal active": (FFN.build(equal_active, d_model=s.d_model, linear=make_linear), ffn),
     }
@@ -302,6 +311,46 @@ def layers(s: Shape, device: torch.device) -> None:
         layer.compile()
         compiled = _time_layer(layer, x, call)
         print(f"{name:<26}{eager:>9.3f}{compiled:>10.3f}")
+    if device.type == "cuda":
+        sdpa_kernels(s, device)
+
+
+def _time_sdpa(s: Shape, dqk: int, dv: int, kernel, device: torch.device) -> float | None:
+    """Median ms of causal SDPA fwd+bwd on ``kernel`` (None: SDPA's own pick); None if it refuses."""
+    from torch.nn.attention import sdpa_kernel
+
+    def tensor(dim: int) -> torch.Tensor:
+        shape = (s.batch, s.n_heads, s.seq, dim)
+        return torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    q, k, v = tensor(dqk), tensor(dqk), tensor(dv)
+
+    def run() -> None:
+        with sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext():
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y.backward(torch.ones_like(y))
+
+    try:
+        return time_ms(run)
+    except RuntimeError:
+        return None
+
+
+def sdpa_kernels(s: Shape, device: torch.device) -> None:
+    """Causal SDPA alone, fwd+bwd in bf16, on each kernel: which one the attention shapes get by
+    default, and what the others would give (n/a: the kernel refuses the shape)."""
+    from torch.nn.attention import SDPBackend
+
+    D = s.d_model // s.n_heads
+    shapes = {"MHA": (D, D), "MLA": (D + D // 2, D), "MLA, v padded": (D + D // 2, D + D // 2)}
+    kernels = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
+    print(f"\nSDPA fwd+bwd, causal, [{s.batch}, {s.n_heads}, {s.seq}, dim] bf16 (median ms)")
+    print(f"{'shape':<16}{'q/k, v dims':>12}" + "".join(f"{name:>11}" for name in kernels))
+    for name, (dqk, dv) in shapes.items():
+        times = [_time_sdpa(s, dqk, dv, kernel, device) for kernel in kernels.values()]
+        cells = "".join(f"{'n/a':>11}" if t is None else f"{t:>11.3f}" for t in times)
+        print(f"{name:<16}{f'{dqk}, {dv}':>12}{cells}")
 
 
 def main() -> None:

@@ -8,9 +8,12 @@ token, the number MLA exists to shrink.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from components.linear import LinearFactory
 from components.registry import Registry, require
@@ -33,6 +36,27 @@ def _decode_mask(positions: torch.Tensor, n_keys: int) -> torch.Tensor:
     return keys[None, :] <= positions[:, None]
 
 
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    kernel: SDPBackend | None = None,
+    pad_v: bool = False,
+) -> torch.Tensor:
+    """Causal SDPA: q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] -> [B, H, T, Dv], on
+    ``kernel`` (None: SDPA picks). The flash and cuDNN kernels need Dv == D: with ``pad_v`` a
+    narrower v is zero-padded to D (the padded output columns are zeros, dropped)."""
+    Dv = v.shape[-1]
+    if pad_v and Dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - Dv))
+    with sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext():
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
+    return y[..., :Dv]
+
+
 class GroupedQueryAttention(nn.Module):
     """MHA when ``n_kv_heads == n_heads``, GQA (shared key/value heads) when fewer."""
 
@@ -53,6 +77,7 @@ class GroupedQueryAttention(nn.Module):
         self.wv = linear(d_model, n_kv_heads * head_dim)
         self.wo = linear(n_heads * head_dim, d_model)
         self.rope = RotaryEmbedding(head_dim, rope_theta)
+        self.sdpa_kernel: SDPBackend | None = None  # the training path's kernel (trainer.attention_kernel)
 
     def kv_cache_values_per_token(self) -> int:
         return 2 * self.n_kv_heads * self.head_dim
@@ -70,13 +95,12 @@ class GroupedQueryAttention(nn.Module):
         v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
         cos, sin = self.rope(positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None
-        if cache is not None:
+        if cache is None:
+            y = causal_attention(q, k, v, kernel=self.sdpa_kernel)
+        else:
             k, v = _append(cache, "k", k, dim=2), _append(cache, "v", v, dim=2)
             mask = _decode_mask(positions, k.shape[2])
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=Hkv != H
-        )
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -119,6 +143,10 @@ class MultiHeadLatentAttention(nn.Module):
         self.wo = linear(n_heads * v_head_dim, d_model)
         self.rope = RotaryEmbedding(qk_rope_head_dim, rope_theta)
         self.scale = qk_dim**-0.5  # 1/sqrt(nope + rope): the full query-key dot product
+        self.sdpa_kernel: SDPBackend | None = None  # the training path's kernel (trainer.attention_kernel)
+        # v is narrower than q and k: zero-padded, the flash and cuDNN kernels take it; unpadded,
+        # SDPA falls back to the memory-efficient kernel. None: pad on a GPU only.
+        self.pad_v: bool | None = None
 
     def kv_cache_values_per_token(self) -> int:
         return self.kv_lora_rank + self.rope_dim
@@ -152,7 +180,8 @@ class MultiHeadLatentAttention(nn.Module):
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
             q = torch.cat((q_nope, q_pe), dim=-1)
             k = torch.cat((k_nope, k_pe[:, None].expand(B, H, T, self.rope_dim)), dim=-1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            pad_v = q.is_cuda if self.pad_v is None else self.pad_v
+            y = causal_attention(q, k, v, self.scale, self.sdpa_kernel, pad_v)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def _attend_latent(self, q_nope, q_pe, c_kv, k_pe, positions, cache) -> torch.Tensor:

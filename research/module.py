@@ -35,8 +35,9 @@ class LitLM(L.LightningModule):
         super().__init__()
         self.model = Transformer(model_cfg, linear)
         self.optim = dict(optim)
-        # trainer.compile / trainer.fused_loss (research.speed), applied once the device is known
-        self.speed_options = {"compile": False, "fused_loss": False, **(speed_options or {})}
+        # trainer.compile / fused_loss / attention_kernel (research.speed), applied once the device is known
+        self.speed_options = {"compile": False, "fused_loss": False, "attention_kernel": "auto",
+                              **(speed_options or {})}  # fmt: skip
         self._configured = False
         # Optimiser group of every parameter, decided here on the plain model: once FSDP shards it,
         # shapes no longer tell a matrix from a norm. Routed experts get a group of their own
@@ -61,6 +62,7 @@ class LitLM(L.LightningModule):
         device, sharded = self.trainer.strategy.root_device, self._sharded()
         if speed.enabled("fused_loss", self.speed_options["fused_loss"], device, sharded):
             speed.fuse_loss(self.model, sharded)
+        speed.pin_attention_kernel(self.model, self.speed_options["attention_kernel"], device)
         if speed.enabled("compile", self.speed_options["compile"], device, sharded):
             speed.compile_blocks(self.model)
         self._configured = True

@@ -1,17 +1,22 @@
 """Speed options of a training run that leave its numerics alone: ``trainer.compile`` and
-``trainer.fused_loss``, each ``auto``, ``true`` or ``false``."""
+``trainer.fused_loss``, each ``auto``, ``true`` or ``false``; ``trainer.attention_kernel``, the
+SDPA kernel of causal attention (``auto``: SDPA's own pick)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend
 
+from components.attention import ATTENTION_TYPES, MultiHeadLatentAttention
 from components.loss import chunk_for
 from components.registry import require
 from research.model import Transformer
 
 CHOICES = "auto, true, false"
+ATTENTION_KERNELS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                     "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
 
 
 def enabled(key: str, setting: Any, device: torch.device, sharded: bool = False) -> bool:
@@ -37,3 +42,22 @@ def fuse_loss(model: Transformer, sharded: bool = False) -> None:
     without the logits. It reads the head's weight directly, which a sharding wrapper splits."""
     require(not sharded, "trainer.fused_loss", True, "false or auto under FSDP or DeepSpeed")
     model.loss_chunk = chunk_for(model.cfg.vocab_size)
+
+
+def pin_attention_kernel(model: Transformer, kernel: str, device: torch.device) -> None:
+    """Run every causal attention of ``model`` on one SDPA kernel. SDPA's own pick is a fixed
+    priority (flash, then memory-efficient, ...; cuDNN only when asked), not the fastest for
+    every GPU and shape: ``bench/throughput.py --layers`` times each. MLA pads its values for
+    flash and cuDNN (which need one head dim), and not for the others."""
+    allowed = ", ".join(ATTENTION_KERNELS)
+    require(kernel in ATTENTION_KERNELS, "trainer.attention_kernel", kernel, allowed)
+    if kernel == "auto":
+        return
+    on_cpu = ("flash", "math")  # the kernels SDPA has on a CPU
+    require(device.type == "cuda" or kernel in on_cpu, "trainer.attention_kernel", kernel,
+            f"{', '.join(('auto', *on_cpu))} on {device.type} (the others need a CUDA GPU)")  # fmt: skip
+    for module in model.modules():
+        if isinstance(module, ATTENTION_TYPES):
+            module.sdpa_kernel = ATTENTION_KERNELS[kernel]
+        if isinstance(module, MultiHeadLatentAttention):
+            module.pad_v = kernel in ("flash", "cudnn")

@@ -94,3 +94,19 @@ def test_kv_cache_bytes_per_token():
     assert build(ATTENTION_SPECS["mla"]).kv_cache_bytes_per_token(bytes_per_value=4) == (16 + 4) * 4
     model = Transformer(tiny_config("mla", n_layers=3))
     assert model.kv_cache_bytes_per_token() == 3 * (16 + 4) * 2
+
+
+def test_mla_zero_padded_values_change_nothing():
+    # On a GPU MLA pads v to the q/k head dim for the flash kernel: the same output and gradients.
+    spec = {**ATTENTION_SPECS["mla"], "v_head_dim": 4}  # narrower than nope 8 + rope 4
+    plain, padded = build(spec), build(spec)
+    padded.load_state_dict(plain.state_dict())
+    plain.pad_v, padded.pad_v = False, True
+    x = torch.randn(2, 10, D_MODEL)
+    y, y_padded = plain(x, torch.arange(10)), padded(x, torch.arange(10))
+    torch.testing.assert_close(y_padded, y, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_padded.backward(g)
+    for (name, p), p_padded in zip(plain.named_parameters(), padded.parameters(), strict=True):
+        torch.testing.assert_close(p_padded.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -2,6 +2,7 @@
 plain path, per-block compilation against eager, how the trainer settings resolve, and the
 callbacks that now read GPU values only every few steps."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -117,6 +118,39 @@ def test_compiled_blocks_compute_what_eager_does():
     assert list(compiled.state_dict()) == names  # checkpoints load either way
 
 
+@pytest.mark.parametrize("kernel", ["flash", "math"])  # the two SDPA has on a CPU
+@pytest.mark.parametrize("attention", ["mha", "mla"])
+def test_a_pinned_attention_kernel_trains_the_model_the_same(attention, kernel):
+    auto, pinned = _twins(tiny_config(attention, "dense"))
+    speed.pin_attention_kernel(pinned, kernel, torch.device("cpu"))
+    _assert_same_step(auto, pinned)
+    attn = pinned.blocks[0].attn
+    assert attn.sdpa_kernel == speed.ATTENTION_KERNELS[kernel]
+    if attention == "mla":  # its v is narrower than q/k: flash takes it only padded
+        assert attn.pad_v == (kernel == "flash")
+        attn.pad_v = False
+        x = torch.randn(1, 5, 32)
+        with pytest.raises(RuntimeError) if kernel == "flash" else contextlib.nullcontext():
+            attn(x, torch.arange(5))  # so the kernel really is pinned
+
+
+def test_a_pinned_kernel_compiles_without_a_graph_break():
+    model = Transformer(tiny_config("mla", "dense"))
+    speed.pin_attention_kernel(model, "math", torch.device("cpu"))
+    graphs = []
+    attn = torch.compile(model.blocks[0].attn, backend=_counting_backend(graphs), fullgraph=True)
+    attn(torch.randn(1, 5, 32), torch.arange(5))
+    assert len(graphs) == 1
+
+
+def test_attention_kernel_errors_name_the_key_and_the_choices():
+    model = Transformer(tiny_config())
+    with pytest.raises(ValueError, match=r"trainer\.attention_kernel.*auto, flash, cudnn, efficient, math"):
+        speed.pin_attention_kernel(model, "flash3", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"trainer\.attention_kernel.*need a CUDA GPU"):
+        speed.pin_attention_kernel(model, "cudnn", torch.device("cpu"))
+
+
 def test_auto_means_a_gpu_and_no_sharding():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert not speed.enabled("compile", "auto", cpu)
@@ -176,7 +210,7 @@ def test_perf_monitor_logs_each_window_on_logging_steps(monkeypatch):
 
 def test_a_deterministic_run_is_not_compiled_unless_asked():
     t = OmegaConf.create({"compile": "auto", "fused_loss": "auto", "deterministic": True})
-    assert speed_options(t) == {"compile": False, "fused_loss": "auto"}
+    assert speed_options(t) == {"compile": False, "fused_loss": "auto", "attention_kernel": "auto"}
     t.compile = True
     assert speed_options(t)["compile"] is True
     t.deterministic, t.compile = False, "auto"
