@@ -358,7 +358,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per arm (the median counts)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--pairs", default="moe,dense", help=f"comma-separated: {', '.join(PAIRS)}")
-    parser.add_argument("--peers", default="eager,compiled", help="the peers' modes: eager, compiled")
+    parser.add_argument("--peers", default="eager,compiled", help="eager, compiled, or none")
     parser.add_argument("--ours", default="compile+fused_loss",
                         help="comma-separated variants of ours: plain, or options joined by + "
                         f"({', '.join(OURS_OPTIONS)}); the last is compared with the peers")  # fmt: skip
@@ -367,7 +367,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny shape: a smoke run of this script")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    pairs, peers = args.pairs.split(","), args.peers.split(",")
+    pairs, peers = args.pairs.split(","), [] if args.peers == "none" else args.peers.split(",")
     for what, given, allowed in (("--pairs", pairs, PAIRS), ("--peers", peers, ("eager", "compiled"))):
         if unknown := set(given) - set(allowed):
             parser.error(f"unknown {what} {sorted(unknown)}; choose from {', '.join(allowed)}")
