@@ -8,10 +8,13 @@ turns them at once into the chunk's dh and its share of dW. Memory holds one chu
 
 Numerics follow the plain path under autocast: logits from a GEMM in the compute dtype, the
 softmax in fp32, the logits' gradient rounded to the compute dtype for the two GEMMs of the
-backward. Only dW's summation order differs (chunk by chunk, in fp32).
+backward. Only dW's summation order differs (chunk by chunk, in fp32). Eager, a chunk's softmax
+and gradient take several fp32 passes over [chunk, V]; compiled (``trainer.compile``), they fuse.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -25,9 +28,28 @@ def chunk_for(vocab_size: int, logits_bytes: int = 2**29) -> int:
     return max(1, logits_bytes // (4 * vocab_size))
 
 
+def cross_entropy_chunk(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, n: torch.Tensor, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's share of a mean cross-entropy over ``n`` counted tokens: logits [c, V] (any
+    float dtype, computed in fp32), targets [c], valid [c] (the tokens counted). Returns the summed
+    loss of the counted tokens and, with ``with_grad``, d(mean CE)/d(logits) = (softmax - onehot) / n
+    on them, 0 elsewhere, in the logits' dtype. Pointwise and row reductions only, so that compiled
+    (``Transformer.loss_chunk_fn``) it is two reads of the logits and one write of the gradient."""
+    x = logits.float()
+    lse = x.logsumexp(dim=-1)
+    t = targets.clamp(min=0)
+    loss = ((lse - x.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+    if not with_grad:
+        return loss, None
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == t[:, None]
+    grad = ((x - lse[:, None]).exp() - onehot.float()) * (valid / n)[:, None]
+    return loss, grad.to(logits.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int, dtype: torch.dtype, with_grad: bool):
+    def forward(ctx, h, weight, targets, chunk: int, dtype: torch.dtype, with_grad: bool, chunk_fn):
         N = h.shape[0]
         valid = targets != IGNORE
         n = valid.sum().clamp(min=1).float()
@@ -36,15 +58,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(h) if with_grad else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
         for s in range(0, N, chunk):
-            hc, tc, vc = h[s : s + chunk].to(dtype), targets[s : s + chunk], valid[s : s + chunk]
-            logits = (hc @ w.t()).float()  # [n, V]
-            lse = logits.logsumexp(dim=-1)
-            picked = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1)
-            loss += ((lse - picked) * vc).sum()
-            if with_grad:  # d(mean CE)/d logits = (softmax - onehot) / n on the counted tokens
-                grad = (logits - lse[:, None]).exp_()
-                grad.scatter_add_(1, tc.clamp(min=0)[:, None], -torch.ones_like(lse)[:, None])
-                grad = (grad * (vc[:, None] / n)).to(dtype)
+            hc = h[s : s + chunk].to(dtype)
+            part, grad = chunk_fn(hc @ w.t(), targets[s : s + chunk], valid[s : s + chunk], n, with_grad)
+            loss += part
+            if with_grad:
                 dh[s : s + chunk] = (grad @ w).to(h.dtype)
                 dw += (grad.t() @ hc).float()
         ctx.save_for_backward(dh, dw)
@@ -54,15 +71,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         dh, dw = ctx.saved_tensors
-        return dh * g.to(dh.dtype), (dw * g).to(ctx.weight_dtype), None, None, None, None
+        return dh * g.to(dh.dtype), (dw * g).to(ctx.weight_dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    chunk_fn: Callable = cross_entropy_chunk,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` [N, V] against ``targets`` [N] (-100 ignored),
-    ``chunk`` tokens at a time; h [N, C], weight [V, C]."""
+    ``chunk`` tokens at a time; h [N, C], weight [V, C]. ``chunk_fn``: ``cross_entropy_chunk``
+    or a compiled copy of it."""
     dtype = compute_dtype(h)
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     with torch.autocast(h.device.type, enabled=False):  # dtypes are set above, as autocast would
-        return _LinearCrossEntropy.apply(h, weight, targets, chunk, dtype, with_grad)
+        return _LinearCrossEntropy.apply(h, weight, targets, chunk, dtype, with_grad, chunk_fn)

@@ -21,7 +21,7 @@ from components.attention import ATTENTION, ATTENTION_TYPES
 from components.balance import BALANCE, LoadBalance
 from components.ffn import FFN
 from components.linear import LinearFactory, make_linear
-from components.loss import linear_cross_entropy
+from components.loss import cross_entropy_chunk, linear_cross_entropy
 from components.moe import MoE
 from components.mtp import MTPModule, check_mtp
 from components.registry import require
@@ -100,8 +100,9 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         # Tokens per chunk of the fused head + cross-entropy (components.loss); 0 computes the
-        # logits whole and returns them. A speed setting, not the model's maths: the trainer sets it.
-        self.loss_chunk = 0
+        # logits whole and returns them; loss_chunk_fn does a chunk's softmax and gradient (compiled
+        # with the blocks). Speed settings, not the model's maths: the trainer sets them.
+        self.loss_chunk, self.loss_chunk_fn = 0, cross_entropy_chunk
 
     def _block(self, layer: int, balance: LoadBalance, linear: LinearFactory) -> Block:
         ffn_spec = self.cfg.ffn
@@ -165,7 +166,7 @@ class Transformer(nn.Module):
         """(logits or None, mean cross-entropy) of the normalised states h [B, T, C]."""
         if self.loss_chunk:
             return None, linear_cross_entropy(
-                h.flatten(0, 1), self.head.weight, targets.flatten(), self.loss_chunk
+                h.flatten(0, 1), self.head.weight, targets.flatten(), self.loss_chunk, self.loss_chunk_fn
             )
         logits = self.head(h)
         return logits, _cross_entropy(logits, targets)

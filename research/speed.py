@@ -10,7 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from components.attention import ATTENTION_TYPES, MultiHeadLatentAttention
-from components.loss import chunk_for
+from components.loss import chunk_for, cross_entropy_chunk
 from components.registry import require
 from research.model import Transformer
 
@@ -30,11 +30,13 @@ def enabled(key: str, setting: Any, device: torch.device, sharded: bool = False)
 
 
 def compile_blocks(model: Transformer, **options: Any) -> None:
-    """``torch.compile`` every block in place (the MTP modules' too). Compiling block by block
-    keeps compile time flat in depth (blocks of one shape share their compiled code) and leaves
-    parameter names and checkpoints as they are. ``options`` go to ``torch.compile``."""
+    """``torch.compile`` every block in place (the MTP modules' too), and the fused loss's per-chunk
+    softmax and gradient. Compiling block by block keeps compile time flat in depth (blocks of one
+    shape share their compiled code) and leaves parameter names and checkpoints as they are.
+    ``options`` go to ``torch.compile``."""
     for block in [*model.blocks, *(m.block for m in model.mtp)]:
         block.compile(**options)
+    model.loss_chunk_fn = torch.compile(cross_entropy_chunk, **options)
 
 
 def fuse_loss(model: Transformer, sharded: bool = False) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from components.loss import chunk_for, linear_cross_entropy
+from components.loss import chunk_for, cross_entropy_chunk, linear_cross_entropy
 from research import metrics as M
 from research import speed
 from research.callbacks import DivergenceGuard, PerfMonitor
@@ -149,6 +149,29 @@ def test_attention_kernel_errors_name_the_key_and_the_choices():
         speed.pin_attention_kernel(model, "flash3", torch.device("cpu"))
     with pytest.raises(ValueError, match=r"trainer\.attention_kernel.*need a CUDA GPU"):
         speed.pin_attention_kernel(model, "cudnn", torch.device("cpu"))
+
+
+def test_the_fused_loss_chunk_compiles_whole_and_computes_the_same():
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    targets[[3, 20]] = -100
+    graphs = []
+    compiled = torch.compile(cross_entropy_chunk, backend=_counting_backend(graphs), fullgraph=True)
+    want, got = linear_cross_entropy(h, w, targets, 8), linear_cross_entropy(h, w, targets, 8, compiled)
+    assert graphs, "the chunk did not go through torch.compile"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, r in zip(_grads(got, h, w), _grads(want, h, w), strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_compiled_blocks_with_the_fused_loss_train_the_model_the_same():
+    plain, fast = _twins(tiny_config("mha", "moe", "aux_free", 1))
+    graphs = []
+    speed.fuse_loss(fast)
+    speed.compile_blocks(fast, backend=_counting_backend(graphs))
+    assert fast.loss_chunk_fn is not cross_entropy_chunk  # the loss's chunk maths compiled too
+    _assert_same_step(plain, fast)
 
 
 def test_auto_means_a_gpu_and_no_sharding():
