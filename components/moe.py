@@ -194,7 +194,7 @@ class GroupedExperts(nn.Module):
         # Back to (token, slot) order, then each token's K outputs summed with their weights: a
         # permutation and a small batched GEMM instead of index_add_'s atomic adds (contended K
         # ways, and not deterministic).
-        slots = out.new_empty(out.shape).index_copy(0, order, out).view(N, K, -1)  # [N, K, C]
+        slots = out.new_empty(out.shape).index_copy_(0, order, out).view(N, K, -1)  # [N, K, C]
         return torch.bmm(weights.to(out.dtype).unsqueeze(1), slots).squeeze(1), counts
 
 
