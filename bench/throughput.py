@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.timing import time_ms
 from components.ffn import FFN
@@ -295,7 +296,8 @@ def layers(s: Shape, device: torch.device) -> None:
     attention = lambda layer, x: layer(x, positions)  # noqa: E731
     ffn = lambda layer, x: layer(x)  # noqa: E731
     mla_unpadded = copy.deepcopy(moe.blocks[1].attn)
-    mla_unpadded.pad_v = False  # the memory-efficient kernel, as before the padding
+    # unpadded, on the kernel SDPA picked before the padding (a CPU has no memory-efficient kernel)
+    mla_unpadded.sdpa_kernel = SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" else SDPBackend.MATH
     candidates = {
         "attention MHA": (dense.blocks[0].attn, attention),
         "attention MLA": (moe.blocks[1].attn, attention),
@@ -317,7 +319,6 @@ def layers(s: Shape, device: torch.device) -> None:
 
 def _time_sdpa(s: Shape, dqk: int, dv: int, kernel, device: torch.device) -> float | None:
     """Median ms of causal SDPA fwd+bwd on ``kernel`` (None: SDPA's own pick); None if it refuses."""
-    from torch.nn.attention import sdpa_kernel
 
     def tensor(dim: int) -> torch.Tensor:
         shape = (s.batch, s.n_heads, s.seq, dim)
@@ -338,13 +339,10 @@ def _time_sdpa(s: Shape, dqk: int, dv: int, kernel, device: torch.device) -> flo
 
 def sdpa_kernels(s: Shape, device: torch.device) -> None:
     """Causal SDPA alone, fwd+bwd in bf16, on each kernel: which one the attention shapes get by
-    default, and what the others would give (n/a: the kernel refuses the shape)."""
-    from torch.nn.attention import SDPBackend
-
+    default (auto), and what the others would give (n/a: the kernel refuses the shape)."""
     D = s.d_model // s.n_heads
     shapes = {"MHA": (D, D), "MLA": (D + D // 2, D), "MLA, v padded": (D + D // 2, D + D // 2)}
-    kernels = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
+    kernels = {name: k for name, k in speed.ATTENTION_KERNELS.items() if name != "math"}  # auto: SDPA's pick
     print(f"\nSDPA fwd+bwd, causal, [{s.batch}, {s.n_heads}, {s.seq}, dim] bf16 (median ms)")
     print(f"{'shape':<16}{'q/k, v dims':>12}" + "".join(f"{name:>11}" for name in kernels))
     for name, (dqk, dv) in shapes.items():

@@ -36,19 +36,23 @@ def _decode_mask(positions: torch.Tensor, n_keys: int) -> torch.Tensor:
     return keys[None, :] <= positions[:, None]
 
 
+# Kernels that need one head dim for q, k and v.
+_ONE_HEAD_DIM = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None = None,
     kernel: SDPBackend | None = None,
-    pad_v: bool = False,
 ) -> torch.Tensor:
     """Causal SDPA: q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] -> [B, H, T, Dv], on
-    ``kernel`` (None: SDPA picks). The flash and cuDNN kernels need Dv == D: with ``pad_v`` a
-    narrower v is zero-padded to D (the padded output columns are zeros, dropped)."""
+    ``kernel`` (None: SDPA picks). A v narrower than q (MLA's) is zero-padded to D for the flash and
+    cuDNN kernels, and for SDPA's pick on a GPU, where unpadded it would get only the slower
+    memory-efficient kernel; the padded output columns are zeros, dropped."""
     Dv = v.shape[-1]
-    if pad_v and Dv < q.shape[-1]:
+    if Dv < q.shape[-1] and (kernel in _ONE_HEAD_DIM or (kernel is None and q.is_cuda)):
         v = F.pad(v, (0, q.shape[-1] - Dv))
     with sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext():
         y = F.scaled_dot_product_attention(
@@ -144,9 +148,6 @@ class MultiHeadLatentAttention(nn.Module):
         self.rope = RotaryEmbedding(qk_rope_head_dim, rope_theta)
         self.scale = qk_dim**-0.5  # 1/sqrt(nope + rope): the full query-key dot product
         self.sdpa_kernel: SDPBackend | None = None  # the training path's kernel (trainer.attention_kernel)
-        # v is narrower than q and k: zero-padded, the flash and cuDNN kernels take it; unpadded,
-        # SDPA falls back to the memory-efficient kernel. None: pad on a GPU only.
-        self.pad_v: bool | None = None
 
     def kv_cache_values_per_token(self) -> int:
         return self.kv_lora_rank + self.rope_dim
@@ -180,8 +181,7 @@ class MultiHeadLatentAttention(nn.Module):
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
             q = torch.cat((q_nope, q_pe), dim=-1)
             k = torch.cat((k_nope, k_pe[:, None].expand(B, H, T, self.rope_dim)), dim=-1)
-            pad_v = q.is_cuda if self.pad_v is None else self.pad_v
-            y = causal_attention(q, k, v, self.scale, self.sdpa_kernel, pad_v)
+            y = causal_attention(q, k, v, self.scale, self.sdpa_kernel)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def _attend_latent(self, q_nope, q_pe, c_kv, k_pe, positions, cache) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend
 
-from components.attention import ATTENTION_TYPES, MultiHeadLatentAttention
+from components.attention import ATTENTION_TYPES
 from components.loss import chunk_for, cross_entropy_chunk
 from components.registry import require
 from research.model import Transformer
@@ -49,8 +49,7 @@ def fuse_loss(model: Transformer, sharded: bool = False) -> None:
 def pin_attention_kernel(model: Transformer, kernel: str, device: torch.device) -> None:
     """Run every causal attention of ``model`` on one SDPA kernel. SDPA's own pick is a fixed
     priority (flash, then memory-efficient, ...; cuDNN only when asked), not the fastest for
-    every GPU and shape: ``bench/throughput.py --layers`` times each. MLA pads its values for
-    flash and cuDNN (which need one head dim), and not for the others."""
+    every GPU and shape: ``bench/throughput.py --layers`` times each."""
     allowed = ", ".join(ATTENTION_KERNELS)
     require(kernel in ATTENTION_KERNELS, "trainer.attention_kernel", kernel, allowed)
     if kernel == "auto":
@@ -61,5 +60,3 @@ def pin_attention_kernel(model: Transformer, kernel: str, device: torch.device) 
     for module in model.modules():
         if isinstance(module, ATTENTION_TYPES):
             module.sdpa_kernel = ATTENTION_KERNELS[kernel]
-        if isinstance(module, MultiHeadLatentAttention):
-            module.pad_v = kernel in ("flash", "cudnn")

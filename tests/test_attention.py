@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
 from components.attention import ATTENTION
 from components.linear import make_linear
@@ -97,11 +98,12 @@ def test_kv_cache_bytes_per_token():
 
 
 def test_mla_zero_padded_values_change_nothing():
-    # On a GPU MLA pads v to the q/k head dim for the flash kernel: the same output and gradients.
+    # MLA pads v to the q/k head dim for the flash kernel, which refuses unequal head dims (the
+    # math kernel takes them unpadded): the same output and gradients.
     spec = {**ATTENTION_SPECS["mla"], "v_head_dim": 4}  # narrower than nope 8 + rope 4
     plain, padded = build(spec), build(spec)
     padded.load_state_dict(plain.state_dict())
-    plain.pad_v, padded.pad_v = False, True
+    plain.sdpa_kernel, padded.sdpa_kernel = SDPBackend.MATH, SDPBackend.FLASH_ATTENTION
     x = torch.randn(2, 10, D_MODEL)
     y, y_padded = plain(x, torch.arange(10)), padded(x, torch.arange(10))
     torch.testing.assert_close(y_padded, y, rtol=1e-6, atol=1e-6)
