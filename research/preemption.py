@@ -25,6 +25,7 @@ import torch
 
 from components.registry import require
 from research import slurm_entry
+from research.callbacks import send_step_metrics
 
 _requested = False
 
@@ -70,9 +71,7 @@ class RequeueOnSignal(L.Callback):
             requested = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
         if not requested:
             return
-        # This step's metrics reach the loggers only after this hook, and the resumed run starts at
-        # the next step: send them now (Lightning's own call, which has no public door) or lose them.
-        trainer._logger_connector.update_train_step_metrics()
+        send_step_metrics(trainer)  # the resumed run starts at the next step
         trainer.save_checkpoint(self.path)  # every rank: sharded strategies write their shards
         if trainer.is_global_zero:
             for logger in trainer.loggers:

@@ -95,13 +95,36 @@ def ensure_experiment(uri: str, name: str) -> str:
             raise TrackingError(f"tracking.uri='{uri}' is unreachable: {reason}") from e
 
 
+class OnceAStepLogger(MLFlowLogger):
+    """Lightning's MLflow logger, recording each metric once per step. A checkpoint (or a requeue)
+    sends its step's metrics before it is written (``research.callbacks.send_step_metrics``), so a
+    run killed right after it resumes with nothing missing; Lightning's own later send of the same
+    step is dropped here."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._step: int | None = None
+        self._sent: set[str] = set()  # metrics recorded at self._step
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if step is None:
+            return super().log_metrics(metrics, step)
+        if step != self._step:
+            self._step, self._sent = step, set()
+        fresh = {k: v for k, v in metrics.items() if k not in self._sent}
+        self._sent.update(fresh)
+        if fresh:
+            super().log_metrics(fresh, step)
+
+
 def make_logger(
     cfg: DictConfig,
     run_dir: Path,
     overrides: list[str],
     run_id: str | None,
     extra_tags: dict[str, str] | None = None,
-) -> MLFlowLogger:
+) -> OnceAStepLogger:
     """The run's logger: a new MLflow run, or ``run_id`` continued after a resume. ``overrides``
     are the command-line overrides that made this run (tagged, their keys as ``swept_keys``)."""
     t = cfg.tracking  # the store and experiment exist: train() checked them before anything else
@@ -118,7 +141,7 @@ def make_logger(
         "run_dir": str(run_dir),
         **(extra_tags or {}),
     }
-    logger = MLFlowLogger(experiment_name=t.experiment, run_name=t.get("run_name"), tracking_uri=t.uri,
+    logger = OnceAStepLogger(experiment_name=t.experiment, run_name=t.get("run_name"), tracking_uri=t.uri,
                           tags=tags if run_id is None else None, run_id=run_id)  # fmt: skip
     if run_id is None:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from components.registry import require
 from research import preemption, tracking
-from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor, StaticMetrics
+from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor, StaticMetrics, StepCheckpoint
 from research.config import apply_precision_recipe, linear_factory, model_config, precision_of
 from research.data import LMDataModule
 from research.module import LitLM
@@ -114,9 +114,7 @@ def train(
     moe_monitor = MoEMonitor()
     callbacks = [
         *(callbacks or []),
-        ModelCheckpoint(
-            dirpath=ckpt_dir, every_n_train_steps=t.checkpoint_every, save_last=True, save_top_k=0
-        ),
+        StepCheckpoint(t.checkpoint_every, dirpath=ckpt_dir, save_last=True, save_top_k=0),
         RecordRunId(logger.run_id, config_hash),
         PerfMonitor(t.perf_warmup_steps, cfg.data.seq_len),
         moe_monitor,
