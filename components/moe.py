@@ -159,6 +159,24 @@ def fp8_grouped_mm(x, w, counts, gemm, pow2: bool = False, dgrad: str = "fp8", w
     return _FP8GroupedMM.apply(x, w, counts, gemm, pow2, dgrad, wgrad)
 
 
+class _SendToSlots(torch.autograd.Function):
+    """x [N, C] -> rows [N*K, C], row i a copy of token ``token[i]``: each token sent to its K
+    expert-sorted slots. ``inverse`` (slot of each (token, k) pair) makes the gradient a gather of
+    each token's K rows and a sum over them, where autograd's own would scatter-add every row
+    (atomics contended K ways, and not deterministic)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x[token]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        N = grad.shape[0] // inverse.shape[1]
+        return grad[inverse.view(-1)].view(N, inverse.shape[1], -1).sum(dim=1), None, None
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights, so all of them run in one grouped GEMM."""
 
@@ -182,20 +200,21 @@ class GroupedExperts(nn.Module):
         E = self.w_gate_up.shape[0]
         flat_expert = topk_idx.reshape(-1)
         order = flat_expert.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        token = order // K
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))
         # scatter_add rather than bincount: bincount reads the max index on the host (a GPU sync).
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_expert, torch.ones_like(flat_expert)
         )
         dtype = compute_dtype(x)
-        h = self._mm(x[token].to(dtype), self.w_gate_up.to(dtype), counts)
+        rows = _SendToSlots.apply(x.to(dtype), order // K, inverse.view(N, K))
+        h = self._mm(rows, self.w_gate_up.to(dtype), counts)
         gate, up = h.chunk(2, dim=-1)
         out = self._mm(F.silu(gate) * up, self.w_down.to(dtype), counts)
         # Back to (token, slot) order, then each token's K outputs summed with their weights: a
-        # permutation and a small batched GEMM instead of index_add_'s atomic adds (contended K
-        # ways, and not deterministic).
+        # permutation and a weighted sum that compiles into one kernel, where index_add_ would add
+        # atomically (contended K ways) and a [1, K] x [K, C] bmm per token runs as a slow gemv.
         slots = out.new_empty(out.shape).index_copy_(0, order, out).view(N, K, -1)  # [N, K, C]
-        return torch.bmm(weights.to(out.dtype).unsqueeze(1), slots).squeeze(1), counts
+        return (slots * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1), counts
 
 
 class MoE(nn.Module):

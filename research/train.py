@@ -167,7 +167,7 @@ DETERMINISTIC = (False, True, "warn")
 
 
 def deterministic(t: DictConfig) -> bool | str:
-    """``trainer.deterministic``: atomics-based kernels (the MoE combine's index_add, flash
+    """``trainer.deterministic``: atomics-based kernels (the embedding's gradient, flash
     attention's backward) make two runs of one config differ by more than a precision change does;
     ``true`` makes them repeat. ``warn`` only warns about such kernels: two bf16 runs under it still
     ended 0.87% apart in val/loss after 1000 steps on an H200."""
