@@ -36,10 +36,6 @@ def _decode_mask(positions: torch.Tensor, n_keys: int) -> torch.Tensor:
     return keys[None, :] <= positions[:, None]
 
 
-# Kernels that need one head dim for q, k and v.
-_ONE_HEAD_DIM = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)
-
-
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -48,11 +44,11 @@ def causal_attention(
     kernel: SDPBackend | None = None,
 ) -> torch.Tensor:
     """Causal SDPA: q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] -> [B, H, T, Dv], on
-    ``kernel`` (None: SDPA picks). A v narrower than q (MLA's) is zero-padded to D for the flash and
-    cuDNN kernels, and for SDPA's pick on a GPU, where unpadded it would get only the slower
-    memory-efficient kernel; the padded output columns are zeros, dropped."""
+    ``kernel`` (None: SDPA picks; on a Hopper GPU it picks cuDNN, which takes MLA's narrower v as
+    it is). The flash kernel needs one head dim, so for it a narrower v is zero-padded to D and the
+    padded output columns, zeros, are dropped."""
     Dv = v.shape[-1]
-    if Dv < q.shape[-1] and (kernel in _ONE_HEAD_DIM or (kernel is None and q.is_cuda)):
+    if Dv < q.shape[-1] and kernel == SDPBackend.FLASH_ATTENTION:
         v = F.pad(v, (0, q.shape[-1] - Dv))
     with sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext():
         y = F.scaled_dot_product_attention(

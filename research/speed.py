@@ -48,8 +48,8 @@ def fuse_loss(model: Transformer, sharded: bool = False) -> None:
 
 def pin_attention_kernel(model: Transformer, kernel: str, device: torch.device) -> None:
     """Run every causal attention of ``model`` on one SDPA kernel. SDPA's own pick is a fixed
-    priority (flash, then memory-efficient, ...; cuDNN only when asked), not the fastest for
-    every GPU and shape: ``bench/throughput.py --layers`` times each."""
+    priority by GPU (cuDNN first on an H200 under torch 2.11), not the fastest for every GPU and
+    shape: ``bench/throughput.py --layers`` times each."""
     allowed = ", ".join(ATTENTION_KERNELS)
     require(kernel in ATTENTION_KERNELS, "trainer.attention_kernel", kernel, allowed)
     if kernel == "auto":
