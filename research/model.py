@@ -25,6 +25,7 @@ from components.loss import cross_entropy_chunk, linear_cross_entropy
 from components.moe import MoE
 from components.mtp import MTPModule, check_mtp
 from components.registry import require
+from components.rope import RotaryEmbedding
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Transformer(nn.Module):
             MTPModule(cfg.d_model, self._block(cfg.n_layers, balance, linear), cfg.norm_eps, linear)
             for _ in range(self.mtp_depth)
         )
+        self.ropes = [m for m in self.modules() if isinstance(m, RotaryEmbedding)]
         self.init_weights()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -131,6 +133,8 @@ class Transformer(nn.Module):
         """idx [B, T] token ids; targets [B, T] the next tokens (-100 ignored). With ``cache`` (from
         ``new_cache``) the call decodes incrementally from position ``start_pos``."""
         T = idx.shape[1]
+        for rope in self.ropes:
+            rope.reserve(start_pos + T)
         positions = torch.arange(start_pos, start_pos + T, device=idx.device)
         h = self.embed(idx)
         for i, block in enumerate(self.blocks):

@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend
 
 from components.attention import ATTENTION
 from components.linear import make_linear
+from components.rope import RotaryEmbedding
 from research.model import Transformer
 from tests.conftest import ATTENTION_SPECS, tiny_config
 
@@ -56,6 +59,33 @@ def test_cached_decoding_equals_training_path(kind):
         assert set(cache[0]) == {"c_kv", "k_pe"}
         assert cache[0]["c_kv"].shape == (2, 13, attn.kv_lora_rank)
         assert cache[0]["k_pe"].shape == (2, 13, attn.rope_dim)
+
+
+@pytest.mark.parametrize("kind", sorted(ATTENTION_SPECS))
+def test_decoding_past_the_rope_tables_lengthens_them(kind):
+    model = Transformer(tiny_config(kind, n_layers=2)).eval()
+    short = copy.deepcopy(model)
+    for rope in short.ropes:  # tables as if built for 4 positions only
+        rope.cos_table, rope.sin_table = rope.cos_table[:4], rope.sin_table[:4]
+    idx = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = short.new_cache()
+        steps = [short(idx[:, :3], cache=cache).logits]
+        steps += [short(idx[:, t : t + 1], cache=cache, start_pos=t).logits for t in range(3, 11)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-6)
+    assert all(rope.cos_table.shape[0] == 16 for rope in short.ropes)  # 4 doubled twice, not per step
+
+
+def test_rope_tables_hold_each_positions_angles():
+    rope = RotaryEmbedding(8, theta=500.0, max_positions=16)
+    rope.reserve(3000)
+    positions = torch.tensor([0, 1, 15, 16, 2999])
+    angles = positions[:, None].double() * 500.0 ** (-torch.arange(0, 8, 2).double() / 8)
+    cos, sin = rope(positions)
+    torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=1e-3)  # fp32 angles near 3000
+    torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(cos[:3].double(), angles[:3].cos(), rtol=0, atol=1e-6)
 
 
 def test_gqa_with_all_kv_heads_equals_mha():
