@@ -159,22 +159,22 @@ def fp8_grouped_mm(x, w, counts, gemm, pow2: bool = False, dgrad: str = "fp8", w
     return _FP8GroupedMM.apply(x, w, counts, gemm, pow2, dgrad, wgrad)
 
 
-class _SendToSlots(torch.autograd.Function):
-    """x [N, C] -> rows [N*K, C], row i a copy of token ``token[i]``: each token sent to its K
-    expert-sorted slots. ``inverse`` (slot of each (token, k) pair) makes the gradient a gather of
-    each token's K rows and a sum over them, where autograd's own would scatter-add every row
-    (atomics contended K ways, and not deterministic)."""
+class _GatherRows(torch.autograd.Function):
+    """``t[index]`` for an ``index`` that takes every row of ``t`` the same number r of times;
+    ``copies`` [rows of t * r] lists, row by row of t, where its r copies went. The gradient then
+    gathers through ``copies`` and sums each row's r copies, where autograd's own would scatter-add
+    (atomics, contended r ways, and not deterministic)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x[token]
+    def forward(ctx, t: torch.Tensor, index: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(copies)
+        ctx.rows = t.shape[0]
+        return t[index]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        N = grad.shape[0] // inverse.shape[1]
-        return grad[inverse.view(-1)].view(N, inverse.shape[1], -1).sum(dim=1), None, None
+        (copies,) = ctx.saved_tensors
+        return grad[copies].view(ctx.rows, -1, grad.shape[-1]).sum(dim=1), None, None
 
 
 class GroupedExperts(nn.Module):
@@ -206,14 +206,14 @@ class GroupedExperts(nn.Module):
             0, flat_expert, torch.ones_like(flat_expert)
         )
         dtype = compute_dtype(x)
-        rows = _SendToSlots.apply(x.to(dtype), order // K, inverse.view(N, K))
+        rows = _GatherRows.apply(x.to(dtype), order // K, inverse)  # each token to its K slots
         h = self._mm(rows, self.w_gate_up.to(dtype), counts)
         gate, up = h.chunk(2, dim=-1)
         out = self._mm(F.silu(gate) * up, self.w_down.to(dtype), counts)
-        # Back to (token, slot) order, then each token's K outputs summed with their weights: a
-        # permutation and a weighted sum that compiles into one kernel, where index_add_ would add
-        # atomically (contended K ways) and a [1, K] x [K, C] bmm per token runs as a slow gemv.
-        slots = out.new_empty(out.shape).index_copy_(0, order, out).view(N, K, -1)  # [N, K, C]
+        # Back to (token, slot) order by a gather that compiles into the weighted sum over each
+        # token's K outputs: one kernel, where index_add_ would add atomically (contended K ways)
+        # and a [1, K] x [K, C] bmm per token runs as a slow gemv.
+        slots = _GatherRows.apply(out, inverse, order).view(N, K, -1)  # [N, K, C]
         return (slots * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1), counts
 
 
