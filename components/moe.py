@@ -199,7 +199,9 @@ class GroupedExperts(nn.Module):
         N, K = topk_idx.shape
         E = self.w_gate_up.shape[0]
         flat_expert = topk_idx.reshape(-1)
-        order = flat_expert.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        # (token, slot) pairs grouped by expert. Up to 256 experts the ids sort as bytes: one radix
+        # pass where int64 keys take eight.
+        order = (flat_expert.to(torch.uint8) if E <= 256 else flat_expert).argsort(stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))
         # scatter_add rather than bincount: bincount reads the max index on the host (a GPU sync).
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
