@@ -63,7 +63,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss += part
             if with_grad:
                 dh[s : s + chunk] = (grad @ w).to(h.dtype)
-                dw += (grad.t() @ hc).float()
+                if dw.is_cuda:  # the fp32 sum in the GEMM's epilogue: no cast and add of [V, C]
+                    dw = torch.addmm(dw, grad.t(), hc, out_dtype=torch.float32)
+                else:  # out_dtype is CUDA-only
+                    dw += (grad.t() @ hc).float()
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return loss / n
