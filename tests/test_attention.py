@@ -42,18 +42,25 @@ def test_model_is_causal(kind):
     assert (b[:, 9:] - a[:, 9:]).abs().max() > 1e-4
 
 
+@torch.no_grad()
+def decode(model, idx, prefill, cache=None):
+    """Logits of ``idx`` [B, T] from a prefill of ``prefill`` tokens, then one token at a time."""
+    cache = model.new_cache() if cache is None else cache
+    steps = [model(idx[:, :prefill], cache=cache).logits]
+    steps += [model(idx[:, t : t + 1], cache=cache, start_pos=t).logits for t in range(prefill, idx.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
 @pytest.mark.parametrize("kind", sorted(ATTENTION_SPECS))
 def test_cached_decoding_equals_training_path(kind):
     """Prefill 5 tokens, then decode one token at a time: logits equal one full forward.
     For MLA the cached path is the absorbed one, attending over the latent only."""
     model = Transformer(tiny_config(kind, "moe", n_layers=3)).eval()
     idx = torch.randint(0, 64, (2, 13))
+    cache = model.new_cache()
     with torch.no_grad():
         full = model(idx).logits
-        cache = model.new_cache()
-        steps = [model(idx[:, :5], cache=cache).logits]
-        steps += [model(idx[:, t : t + 1], cache=cache, start_pos=t).logits for t in range(5, 13)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(decode(model, idx, prefill=5, cache=cache), full, rtol=0, atol=1e-5)
     if kind == "mla":
         attn = model.blocks[0].attn
         assert set(cache[0]) == {"c_kv", "k_pe"}
@@ -70,10 +77,7 @@ def test_decoding_past_the_rope_tables_lengthens_them(kind):
     idx = torch.randint(0, 64, (2, 11))
     with torch.no_grad():
         full = model(idx).logits
-        cache = short.new_cache()
-        steps = [short(idx[:, :3], cache=cache).logits]
-        steps += [short(idx[:, t : t + 1], cache=cache, start_pos=t).logits for t in range(3, 11)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(decode(short, idx, prefill=3), full, rtol=0, atol=1e-6)
     assert all(rope.cos_table.shape[0] == 16 for rope in short.ropes)  # 4 doubled twice, not per step
 
 
