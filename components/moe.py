@@ -9,8 +9,8 @@ and multiplied by ``route_scale``. The bias therefore changes *which* experts se
 *how much* a selected expert contributes.
 
 Dispatch is vectorised: the (token, expert) pairs are sorted by expert, the experts run as one
-grouped GEMM over contiguous row blocks, and the results are permuted back and summed per token
-with their weights.
+grouped GEMM over contiguous row blocks (each row scaled by its combine weight before the down
+projection), and the results are permuted back and summed per token.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Router(nn.Module):
         choice = scores.detach() + self.bias
         if self.n_groups > 1:
             choice = self._keep_best_groups(choice)
-        topk_idx = choice.topk(self.top_k, dim=-1).indices
+        topk_idx = _top_k_indices(choice, self.top_k)
         weights = scores.gather(1, topk_idx)
         if self.norm_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -75,7 +75,20 @@ class Router(nn.Module):
         group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
         best = group_score.topk(self.topk_groups, dim=-1).indices
         keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
-        return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, -1)
+        # The lowest finite value, below which _top_k_indices masks its picks: never picked twice.
+        return grouped.masked_fill(~keep[..., None], torch.finfo(choice.dtype).min).view(N, -1)
+
+
+def _top_k_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries of each row of ``x`` [N, E], best first: ``topk``'s
+    selection by k rounds of argmax, each masking its pick. Compiled, the rounds fuse into one
+    kernel over each row, where ``topk`` is a kernel of its own plus a sort of its k results."""
+    picks = []
+    for _ in range(k):
+        pick = x.argmax(dim=-1, keepdim=True)
+        picks.append(pick)
+        x = x.scatter(1, pick, float("-inf"))
+    return torch.cat(picks, dim=1)
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -211,12 +224,15 @@ class GroupedExperts(nn.Module):
         rows = _GatherRows.apply(x.to(dtype), order // K, inverse)  # each token to its K slots
         h = self._mm(rows, self.w_gate_up.to(dtype), counts)
         gate, up = h.chunk(2, dim=-1)
-        out = self._mm(F.silu(gate) * up, self.w_down.to(dtype), counts)
-        # Back to (token, slot) order by a gather that compiles into the weighted sum over each
-        # token's K outputs: one kernel, where index_add_ would add atomically (contended K ways)
-        # and a [1, K] x [K, C] bmm per token runs as a slow gemv.
+        # The combine weight scales each row before the down projection, which is linear: the same
+        # sum, but its gradient reduces over the expert dim (256) inside SwiGLU's backward kernel
+        # instead of over d_model in a pass of its own over the [N*K, C] outputs.
+        row_weight = weights.reshape(-1).gather(0, order).unsqueeze(-1)  # [N*K, 1], sorted order
+        out = self._mm((F.silu(gate) * up * row_weight).to(dtype), self.w_down.to(dtype), counts)
+        # Back to (token, slot) order by a gather that compiles into the sum over each token's K
+        # outputs: one kernel, where index_add_ would add atomically (contended K ways).
         slots = _GatherRows.apply(out, inverse, order).view(N, K, -1)  # [N, K, C]
-        return (slots * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1), counts
+        return slots.sum(dim=1), counts
 
 
 class MoE(nn.Module):

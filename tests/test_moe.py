@@ -3,7 +3,7 @@ import torch
 
 from components.balance import BALANCE, LoadBalance, max_violation
 from components.linear import make_linear
-from components.moe import build_moe, grouped_mm
+from components.moe import _top_k_indices, build_moe, grouped_mm
 from tests.reference import moe_reference
 
 C = 32
@@ -26,6 +26,19 @@ def test_each_token_gets_top_k_distinct_experts_with_normalised_weights(score_fu
     assert (idx[:, 0] != idx[:, 1]).all()
     torch.testing.assert_close(w.sum(-1), torch.full((100,), 2.5))
     assert (w > 0).all()
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_top_k_by_argmax_rounds_picks_what_topk_does_best_first(k):
+    x = torch.randn(500, 8)
+    lowest = torch.finfo(x.dtype).min
+    x[:7, 2:] = lowest  # rows with two allowed experts, the rest masked as group-limited routing does
+    picked = _top_k_indices(x, k)
+    want = x.topk(k, dim=-1)
+    torch.testing.assert_close(x.gather(1, picked), want.values, rtol=0, atol=0)  # best first
+    assert (picked.sort(dim=1).values.diff(dim=1) > 0).all()  # k distinct experts, masked ties too
+    allowed = want.values > lowest
+    assert torch.equal(picked[allowed], want.indices[allowed])  # distinct random values: no ties
 
 
 def test_group_limited_routing_matches_brute_force():
