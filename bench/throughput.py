@@ -8,11 +8,14 @@ same config as ours, with the same number of weights, on one GPU.
 Every arm trains the same way: bf16 autocast over fp32 weights, fused AdamW, batch 8 x 2048, a few
 warm-up steps, then the median of the timed steps (a CUDA event between each two, no waiting).
 Ours is the model training runs (``research.model.Transformer``) with the speed options training
-applies on a GPU (``research.speed``: ``trainer.compile``, ``trainer.fused_loss``, and
-``trainer.attention_kernel`` by a kernel's name; ``--ours`` picks them, several variants give each
-option's gain); its aux-free bias update is part of its step, as in training.
-MFU counts one model's FLOPs for both sides of a pair (``Transformer.flops_per_token``). Before the
-timings, ours plain and each variant compute the loss of one batch from the same weights.
+applies on a GPU (``research.speed``: ``trainer.compile``, ``trainer.cuda_graphs``,
+``trainer.fused_loss``, and ``trainer.attention_kernel`` by a kernel's name; ``--ours`` picks them,
+several variants give each option's gain); its aux-free bias update is part of its step, as in
+training. MFU counts one model's FLOPs for both sides of a pair (``Transformer.flops_per_token``).
+Each variant's first training step computes the loss of the batch from the weights ours plain
+(eager, no speed option) computes it from: the numerics check. Peak memory counts from before the
+warm-up, so that it holds what recording CUDA graphs allocates; "reserved" is what the allocator
+held, graph pools included.
 
 Needs torch, Lightning and transformers (all in the device image), not MLflow or Hydra.
 """
@@ -135,8 +138,9 @@ PAIRS = {"moe": ("ours mla+moe", "transformers DeepseekV3", moe_pair),
 class Timing:
     ms: float  # median step
     tokens_per_s: float
-    peak_gib: float
-    loss: float
+    peak_gib: float  # allocated
+    reserved_gib: float
+    first_loss: float  # of the first step, from the initial weights
 
 
 def _ours_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
@@ -154,6 +158,7 @@ def time_training(model: nn.Module, loss_of: Callable, batch: torch.Tensor, step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step() -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # for CUDA graphs: a new step (else a no-op)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = loss_of(model, batch)
         loss.backward()
@@ -162,11 +167,12 @@ def time_training(model: nn.Module, loss_of: Callable, batch: torch.Tensor, step
         after_step()
         return loss
 
-    for _ in range(warmup):  # compiles, autotunes, allocates the optimiser state
-        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    first_loss = float(step().detach())  # compiles and records, as do the rest of the warm-up steps
+    for _ in range(warmup - 1):  # and autotunes, allocates the optimiser state
+        step()
     # One event per step boundary and a single wait at the end: the steps queue up as in a training
     # loop that never waits on the GPU, so a host slower than its GPU shows, a forced idle does not.
     losses = []
@@ -185,10 +191,12 @@ def time_training(model: nn.Module, loss_of: Callable, batch: torch.Tensor, step
             losses.append(step().detach())
             times.append((time.perf_counter() - t0) * 1e3)
     ms = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     if profile:
         _print_profile(step)
-    return Timing(ms, batch[:, :-1].numel() / ms * 1e3, peak, float(losses[-1]))
+    return Timing(ms, batch[:, :-1].numel() / ms * 1e3, peak, reserved, first_loss)
 
 
 def _print_profile(step: Callable, steps: int = 3) -> None:
@@ -207,26 +215,31 @@ def _fresh(model: nn.Module, device: torch.device) -> nn.Module:
 
 KERNELS = tuple(k for k in speed.ATTENTION_KERNELS if k != "auto")
 # research.speed's options, as trainer.* applies them; a kernel name pins trainer.attention_kernel
-OURS_OPTIONS = ("compile", "fused_loss", *KERNELS)
+OURS_OPTIONS = ("compile", "cuda_graphs", "fused_loss", *KERNELS)
+DEFAULT_OURS = "compile+cuda_graphs+fused_loss"  # what training applies on one GPU
 
 
 def with_options(model: Transformer, options: str) -> Transformer:
     """``options``: "plain", or speed options joined by "+" (e.g. "compile+fused_loss+cudnn")."""
     chosen = options.split("+")
+    device = next(model.parameters()).device
     if "fused_loss" in chosen:
         speed.fuse_loss(model)
     for kernel in set(chosen) & set(KERNELS):
-        speed.pin_attention_kernel(model, kernel, next(model.parameters()).device)
+        speed.pin_attention_kernel(model, kernel, device)
+    # as trainer.cuda_graphs=auto: on for compiled blocks on a GPU, off elsewhere (a CPU smoke run)
+    asked = "auto" if "cuda_graphs" in chosen else False
+    graphs = speed.cuda_graphs_enabled(asked, device, "compile" in chosen, distributed=False)
     if "compile" in chosen:
-        speed.compile_blocks(model)
+        speed.stack_projections(model)
+        speed.compile_blocks(model, cuda_graphs=graphs)
     return model
 
 
-def numerics_check(ours: Transformer, batch: torch.Tensor, options: str) -> tuple[float, float]:
-    """The loss of one batch from the same weights, ours plain and ours with ``options``."""
-    plain, fast = _fresh(ours, batch.device), with_options(_fresh(ours, batch.device), options)
+def plain_loss(ours: Transformer, batch: torch.Tensor) -> float:
+    """The loss of one batch, ours eager without any speed option: what every variant must match."""
     with torch.no_grad(), torch.autocast(batch.device.type, dtype=torch.bfloat16):
-        return float(_ours_loss(plain, batch)), float(_ours_loss(fast, batch))
+        return float(_ours_loss(_fresh(ours, batch.device), batch))
 
 
 def run_pair(name: str, s: Shape, device: torch.device, steps: int, warmup: int, ours_variants: list[str],
@@ -239,17 +252,15 @@ def run_pair(name: str, s: Shape, device: torch.device, steps: int, warmup: int,
     flops = ours.flops_per_token(s.seq)
     batch = torch.randint(0, s.vocab, (s.batch, s.seq + 1), device=device)
     print(f"\n{name}: {n_ours / 1e6:.1f}M weights both, {flops / 1e9:.2f} GFLOP per token (training)")
-    for options in ours_variants:
-        if options != "plain":
-            plain, fast = numerics_check(ours, batch, options)
-            print(f"loss of one batch, ours plain {plain:.5f} vs {options} {fast:.5f} "
-                  f"(rel. difference {abs(fast - plain) / plain:.1e})")  # fmt: skip
+    plain = plain_loss(ours, batch)
 
     arms: list[tuple[str, str, Timing]] = []
     for i, options in enumerate(ours_variants):
         model = with_options(_fresh(ours, device), options)
         profiled = profile and i == len(ours_variants) - 1  # the last: the fastest asked for
         timing = time_training(model, _ours_loss, batch, steps, warmup, model.update_balance_bias, profiled)
+        print(f"loss of one batch, ours plain {plain:.5f} vs {options} {timing.first_loss:.5f} "
+              f"(rel. difference {abs(timing.first_loss - plain) / plain:.1e})")  # fmt: skip
         arms.append((ours_name, options, timing))
         del model
     for mode in peer_modes:
@@ -263,12 +274,12 @@ def run_pair(name: str, s: Shape, device: torch.device, steps: int, warmup: int,
 
     peak_flops = device_peak_flops(device) or float("nan")  # the table training's MFU uses
     ours_tps = arms[len(ours_variants) - 1][2].tokens_per_s  # the last of ours: the fastest asked for
-    print(f"{'model':<26}{'options':<28}{'ms/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}"
-          f"{'loss':>8}{'ours/this':>11}")  # fmt: skip
+    print(f"{'model':<26}{'options':<32}{'ms/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}"
+          f"{'reserved':>10}{'loss':>9}{'ours/this':>11}")  # fmt: skip
     for model_name, mode, t in arms:
         mfu = flops * t.tokens_per_s / peak_flops
-        print(f"{model_name:<26}{mode:<28}{t.ms:>9.1f}{t.tokens_per_s:>11,.0f}{mfu:>7.1%}{t.peak_gib:>10.2f}"
-              f"{t.loss:>8.3f}{ours_tps / t.tokens_per_s:>10.2f}x")  # fmt: skip
+        print(f"{model_name:<26}{mode:<32}{t.ms:>9.1f}{t.tokens_per_s:>11,.0f}{mfu:>7.1%}{t.peak_gib:>10.2f}"
+              f"{t.reserved_gib:>10.2f}{t.first_loss:>9.4f}{ours_tps / t.tokens_per_s:>10.2f}x")  # fmt: skip
 
 
 def _time_layer(layer: nn.Module, x: torch.Tensor, call: Callable, iters: int = 10) -> float:
@@ -357,7 +368,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--pairs", default="moe,dense", help=f"comma-separated: {', '.join(PAIRS)}")
     parser.add_argument("--peers", default="eager,compiled", help="eager, compiled, or none")
-    parser.add_argument("--ours", default="compile+fused_loss",
+    parser.add_argument("--ours", default=DEFAULT_OURS,
                         help="comma-separated variants of ours: plain, or options joined by + "
                         f"({', '.join(OURS_OPTIONS)}); the last is compared with the peers")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="GPU time per kernel, last of ours")

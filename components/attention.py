@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from components.linear import LinearFactory
+from components.linear import LinearFactory, project
 from components.registry import Registry, require
 from components.rope import RotaryEmbedding, apply_rope
 
@@ -78,6 +78,7 @@ class GroupedQueryAttention(nn.Module):
         self.wo = linear(n_heads * head_dim, d_model)
         self.rope = RotaryEmbedding(head_dim, rope_theta)
         self.sdpa_kernel: SDPBackend | None = None  # the training path's kernel (trainer.attention_kernel)
+        self.stacked = False  # q, k, v as one GEMM (components.linear.project; research.speed sets it)
 
     def kv_cache_values_per_token(self) -> int:
         return 2 * self.n_kv_heads * self.head_dim
@@ -90,9 +91,10 @@ class GroupedQueryAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.wq(x).view(B, T, H, D).transpose(1, 2)
-        k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)
-        v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)
+        q, k, v = project(x, (self.wq, self.wk, self.wv), self.stacked)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
         cos, sin = self.rope(positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
@@ -144,6 +146,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.rope = RotaryEmbedding(qk_rope_head_dim, rope_theta)
         self.scale = qk_dim**-0.5  # 1/sqrt(nope + rope): the full query-key dot product
         self.sdpa_kernel: SDPBackend | None = None  # the training path's kernel (trainer.attention_kernel)
+        # the two projections of x (queries' and latents') as one GEMM (components.linear.project)
+        self.stacked = False
 
     def kv_cache_values_per_token(self) -> int:
         return self.kv_lora_rank + self.rope_dim
@@ -151,15 +155,18 @@ class MultiHeadLatentAttention(nn.Module):
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         return self.kv_cache_values_per_token() * bytes_per_value
 
-    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        B, T, _ = x.shape
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank > 0 else self.wq(x)
+    def _queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q: x's query projection [B, T, q_lora_rank], or the queries [B, T, H * (nope + rope)]
+        without a query latent."""
+        B, T, _ = q.shape
+        if self.q_lora_rank > 0:
+            q = self.wq_b(self.q_norm(q))
         q = q.view(B, T, self.n_heads, self.nope + self.rope_dim).transpose(1, 2)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)  # [B, H, T, nope], [B, H, T, rope]
 
-    def _latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+    def _latents(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_norm(c_kv), apply_rope(k_pe, cos, sin)  # [B, T, L], [B, T, rope]
 
     def forward(
@@ -168,8 +175,10 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, _ = x.shape
         H = self.n_heads
         cos, sin = self.rope(positions)
-        q_nope, q_pe = self._queries(x, cos, sin)
-        c_kv, k_pe = self._latents(x, cos, sin)
+        wq = self.wq_a if self.q_lora_rank > 0 else self.wq
+        q, kv = project(x, (wq, self.wkv_a), self.stacked)
+        q_nope, q_pe = self._queries(q, cos, sin)
+        c_kv, k_pe = self._latents(kv, cos, sin)
         if cache is not None:
             y = self._attend_latent(q_nope, q_pe, c_kv, k_pe, positions, cache)
         else:

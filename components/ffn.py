@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.linear import LinearFactory
+from components.linear import LinearFactory, project
 from components.registry import Registry, require
 
 FFN = Registry("ffn")
@@ -18,9 +18,11 @@ class SwiGLU(nn.Module):
         self.w_gate = linear(d_model, hidden_dim)
         self.w_up = linear(d_model, hidden_dim)
         self.w_down = linear(hidden_dim, d_model)
+        self.stacked = False  # gate and up as one GEMM (components.linear.project; research.speed sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = project(x, (self.w_gate, self.w_up), self.stacked)
+        return self.w_down(F.silu(gate) * up)
 
 
 def default_hidden_dim(d_model: int, multiple_of: int = 64) -> int:

@@ -35,10 +35,11 @@ class LitLM(L.LightningModule):
         super().__init__()
         self.model = Transformer(model_cfg, linear)
         self.optim = dict(optim)
-        # trainer.compile / fused_loss / attention_kernel (research.speed), applied once the device is known
-        self.speed_options = {"compile": False, "fused_loss": False, "attention_kernel": "auto",
-                              **(speed_options or {})}  # fmt: skip
-        self._configured = False
+        # trainer.compile / cuda_graphs / fused_loss / attention_kernel (research.speed), applied
+        # once the device is known
+        self.speed_options = {"compile": False, "cuda_graphs": False, "fused_loss": False,
+                              "attention_kernel": "auto", **(speed_options or {})}  # fmt: skip
+        self._configured = self._cuda_graphs = False
         # Optimiser group of every parameter, decided here on the plain model: once FSDP shards it,
         # shapes no longer tell a matrix from a norm. Routed experts get a group of their own
         # (sharding strategies such as DeepSpeed's MoE path key on it); norms are not decayed.
@@ -63,9 +64,24 @@ class LitLM(L.LightningModule):
         if speed.enabled("fused_loss", self.speed_options["fused_loss"], device, sharded):
             speed.fuse_loss(self.model, sharded)
         speed.pin_attention_kernel(self.model, self.speed_options["attention_kernel"], device)
-        if speed.enabled("compile", self.speed_options["compile"], device, sharded):
-            speed.compile_blocks(self.model)
+        compiled = speed.enabled("compile", self.speed_options["compile"], device, sharded)
+        distributed = self.trainer.world_size > 1
+        self._cuda_graphs = speed.cuda_graphs_enabled(
+            self.speed_options["cuda_graphs"], device, compiled, distributed
+        )
+        if compiled:
+            if not sharded:  # stacking reads each weight whole, which sharding splits
+                speed.stack_projections(self.model)
+            speed.compile_blocks(self.model, cuda_graphs=self._cuda_graphs)
         self._configured = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._cuda_graphs:  # a new step: the graphs may overwrite the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _sharded(self) -> bool:
         """Whether a sharding strategy's wrappers own the parameters (FSDP, DeepSpeed)."""

@@ -19,7 +19,7 @@ from research.errors import TrainingDiverged
 from research.model import Transformer
 from research.module import LitLM
 from research.train import speed_options
-from tests.conftest import tiny_config
+from tests.conftest import ATTENTION_SPECS, tiny_config
 
 
 def _grads(loss, *tensors):
@@ -94,6 +94,26 @@ def test_fused_loss_trains_the_model_the_same(attention, ffn, mtp_depth):
     plain, fused = _twins(tiny_config(attention, ffn, "aux_free", mtp_depth))
     fused.loss_chunk = 7
     _assert_same_step(plain, fused)
+
+
+MLA_NO_Q = {**ATTENTION_SPECS["mla"], "q_lora_rank": 0}  # the queries straight from x
+
+
+@pytest.mark.parametrize(
+    ("attention", "ffn", "stacked_per_block"),
+    [("mha", "dense", 3 + 2), ("gqa", "moe", 3 + 2), ("mla", "moe", 2 + 2), (MLA_NO_Q, "dense", 2 + 2)],
+)  # projections of one input per block: attention's, and SwiGLU's gate and up (a shared expert's)
+def test_stacked_projections_train_the_model_the_same(attention, ffn, stacked_per_block):
+    plain, stacked = _twins(tiny_config(attention, ffn, "aux_free", 1))
+    speed.stack_projections(stacked)
+    calls = []  # the model of each forward of a Linear module
+    for name, model in (("plain", plain), ("stacked", stacked)):
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_hook(lambda *_, name=name: calls.append(name))
+    _assert_same_step(plain, stacked)
+    blocks = len(plain.blocks) + len(plain.mtp)
+    assert calls.count("plain") - calls.count("stacked") == blocks * stacked_per_block  # ran stacked
 
 
 def test_chunk_bounds_the_logits_memory():
@@ -188,13 +208,27 @@ def test_auto_means_a_gpu_and_no_sharding():
 
 
 @pytest.mark.parametrize(("device", "applied"), [("cpu", False), ("cuda", True)])
-def test_the_module_applies_the_options_once_the_device_is_known(device, applied):
-    module = LitLM(tiny_config(), {}, torch.ones(64), speed_options={"compile": "auto", "fused_loss": "auto"})
-    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+def test_the_module_applies_the_options_once_the_device_is_known(device, applied, monkeypatch):
+    modes = []  # torch.compile's mode for each thing compiled
+
+    def spy(fn, **options):
+        modes.append(options.get("mode"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", spy)
+    options = {"compile": "auto", "cuda_graphs": "auto", "fused_loss": "auto"}
+    module = LitLM(tiny_config(), {}, torch.ones(64), speed_options=options)
+    module._trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device(device)), world_size=1
+    )
     module.configure_model()
     block = module.model.blocks[0]
     assert (block._compiled_call_impl is not None) == applied
     assert (module.model.loss_chunk > 0) == applied
+    # on a GPU the blocks replay as CUDA graphs; the loss's chunk maths runs between them
+    assert modes == (["reduce-overhead"] * len(module.model.blocks) + [None] if applied else [])
+    assert module._cuda_graphs == applied
+    assert block.attn.stacked == block.ffn.stacked == applied  # compiled: projections stacked too
     module.model.loss_chunk = -1
     module.configure_model()  # again, as Lightning does for a validate after fit: nothing changes
     assert module.model.loss_chunk == -1
@@ -232,9 +266,37 @@ def test_perf_monitor_logs_each_window_on_logging_steps(monkeypatch):
     assert logged[-1][M.TOKENS_PER_S] == 40 / 4
 
 
+def test_cuda_graphs_need_compiled_blocks_on_one_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert speed.cuda_graphs_enabled("auto", gpu, compiled=True, distributed=False)
+    assert not speed.cuda_graphs_enabled("auto", gpu, compiled=False, distributed=False)
+    assert not speed.cuda_graphs_enabled("auto", gpu, compiled=True, distributed=True)
+    assert not speed.cuda_graphs_enabled("auto", cpu, compiled=True, distributed=False)
+    assert speed.cuda_graphs_enabled(True, gpu, compiled=True, distributed=True)  # asked for: on
+    assert not speed.cuda_graphs_enabled(False, gpu, compiled=True, distributed=False)
+    with pytest.raises(ValueError, match=r"trainer\.cuda_graphs.*while trainer\.compile is off"):
+        speed.cuda_graphs_enabled(True, gpu, compiled=False, distributed=False)
+    with pytest.raises(ValueError, match=r"trainer\.cuda_graphs.*needs a CUDA GPU"):
+        speed.cuda_graphs_enabled(True, cpu, compiled=True, distributed=False)
+    with pytest.raises(ValueError, match=r"trainer\.cuda_graphs.*auto, true, false"):
+        speed.cuda_graphs_enabled("on", gpu, compiled=True, distributed=False)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_each_batch_marks_a_new_cuda_graph_step_when_graphs_are_on(graphs, monkeypatch):
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    module = LitLM(tiny_config(), {}, torch.ones(64))
+    module._cuda_graphs = graphs
+    module.on_train_batch_start(None, 0)
+    module.on_validation_batch_start(None, 0)
+    assert len(marks) == (2 if graphs else 0)
+
+
 def test_a_deterministic_run_is_not_compiled_unless_asked():
     t = OmegaConf.create({"compile": "auto", "fused_loss": "auto", "deterministic": True})
-    assert speed_options(t) == {"compile": False, "fused_loss": "auto", "attention_kernel": "auto"}
+    want = {"compile": False, "cuda_graphs": False, "fused_loss": "auto", "attention_kernel": "auto"}
+    assert speed_options(t) == want
     t.compile = True
     assert speed_options(t)["compile"] is True
     t.deterministic, t.compile = False, "auto"
