@@ -57,6 +57,10 @@ def compile_blocks(model: Transformer, cuda_graphs: bool = False, **options: Any
     without them a slower host CPU than the GPU's leaves the GPU waiting (H200, MoE at the bench
     shape: 53.9 -> 44.4 ms a step on one machine). Each step must then begin with
     ``torch.compiler.cudagraph_mark_step_begin()``. ``options`` go to ``torch.compile``."""
+    # A clean slate: code compiled for earlier models of this process (an Optuna worker trains its
+    # trials one after another) fills torch.compile's per-function recompile limit, after which
+    # every block would run eager, with only a warning, from the fourth architecture on.
+    torch._dynamo.reset()
     block_options = {**options, "mode": "reduce-overhead"} if cuda_graphs else options
     for block in [*model.blocks, *(m.block for m in model.mtp)]:
         block.compile(**block_options)

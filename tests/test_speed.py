@@ -139,6 +139,18 @@ def test_compiled_blocks_compute_what_eager_does():
     assert list(compiled.state_dict()) == names  # checkpoints load either way
 
 
+def test_each_compiled_model_of_a_process_gets_compiled_code_not_a_silent_eager_fallback():
+    """As in a sweep worker: one architecture after another, each compiled in the same process."""
+    graphs = []
+    for width in range(32, 32 + 8 * 6, 8):  # six widths: past torch.compile's recompile limit of 8
+        model = Transformer(tiny_config("mla", "moe", "aux_free", d_model=width))
+        speed.compile_blocks(model, backend=_counting_backend(graphs))
+        before = len(graphs)
+        idx = torch.randint(0, 64, (2, 12))
+        model(idx, idx).loss.backward()
+        assert len(graphs) > before, f"d_model={width}: the blocks ran eager"
+
+
 @pytest.mark.parametrize("kernel", ["flash", "math"])  # the two SDPA has on a CPU
 @pytest.mark.parametrize("attention", ["mha", "mla"])
 def test_a_pinned_attention_kernel_trains_the_model_the_same(attention, kernel, monkeypatch):
