@@ -32,10 +32,11 @@ def enabled(key: str, setting: Any, device: torch.device, sharded: bool = False)
 
 def cuda_graphs_enabled(setting: Any, device: torch.device, compiled: bool, distributed: bool) -> bool:
     """``trainer.cuda_graphs``: ``auto`` is on for compiled blocks on one GPU; off with several
-    processes, whose gradient hooks it has not been measured with. The graphs are the compiled
-    blocks', so ``true`` needs ``trainer.compile`` on and a CUDA GPU."""
+    processes, whose gradient hooks it has not been measured with, and on ROCm, where torch's
+    graph trees are reported to slow training's convergence (pytorch#187715). The graphs are the
+    compiled blocks', so ``true`` needs ``trainer.compile`` on and a CUDA GPU."""
     if setting == "auto":
-        return compiled and device.type == "cuda" and not distributed
+        return compiled and device.type == "cuda" and not distributed and torch.version.hip is None
     require(isinstance(setting, bool), "trainer.cuda_graphs", setting, CHOICES)
     if setting:
         require(compiled, "trainer.cuda_graphs", True, "false or auto while trainer.compile is off")

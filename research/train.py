@@ -139,6 +139,9 @@ def train(
         val_check_interval=t.val_every,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
+        # Validation under no_grad, not inference_mode: compiled blocks replayed as CUDA graphs
+        # (trainer.cuda_graphs) have known failures with inference-mode tensors (pytorch#135892).
+        inference_mode=False,
         log_every_n_steps=t.log_every,
         gradient_clip_val=t.grad_clip,
         accumulate_grad_batches=t.accumulate,

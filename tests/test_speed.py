@@ -278,12 +278,15 @@ def test_perf_monitor_logs_each_window_on_logging_steps(monkeypatch):
     assert logged[-1][M.TOKENS_PER_S] == 40 / 4
 
 
-def test_cuda_graphs_need_compiled_blocks_on_one_gpu():
+def test_cuda_graphs_need_compiled_blocks_on_one_gpu(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert speed.cuda_graphs_enabled("auto", gpu, compiled=True, distributed=False)
     assert not speed.cuda_graphs_enabled("auto", gpu, compiled=False, distributed=False)
     assert not speed.cuda_graphs_enabled("auto", gpu, compiled=True, distributed=True)
     assert not speed.cuda_graphs_enabled("auto", cpu, compiled=True, distributed=False)
+    monkeypatch.setattr(torch.version, "hip", "7.0")  # a ROCm build: auto leaves them off
+    assert not speed.cuda_graphs_enabled("auto", gpu, compiled=True, distributed=False)
+    monkeypatch.setattr(torch.version, "hip", None)
     assert speed.cuda_graphs_enabled(True, gpu, compiled=True, distributed=True)  # asked for: on
     assert not speed.cuda_graphs_enabled(False, gpu, compiled=True, distributed=False)
     with pytest.raises(ValueError, match=r"trainer\.cuda_graphs.*while trainer\.compile is off"):
