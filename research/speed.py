@@ -54,8 +54,8 @@ def compile_blocks(model: Transformer, cuda_graphs: bool = False, **options: Any
     softmax and gradient. Compiling block by block keeps compile time flat in depth (blocks of one
     shape share their compiled code) and leaves parameter names and checkpoints as they are.
     ``cuda_graphs``: each block's forward and backward replay as CUDA graphs (torch.compile's
-    ``reduce-overhead`` mode), one launch where a MoE block's forward alone launches ~80 kernels;
-    without them a slower host CPU than the GPU's leaves the GPU waiting (H200, MoE at the bench
+    ``reduce-overhead`` mode): one launch each, where a MoE step launches ~1300 kernels, and a
+    host CPU slower than its GPU at launching them leaves the GPU waiting (H200, MoE at the bench
     shape: 53.9 -> 44.4 ms a step on one machine). Each step must then begin with
     ``torch.compiler.cudagraph_mark_step_begin()``. ``options`` go to ``torch.compile``."""
     # A clean slate: code compiled for earlier models of this process (an Optuna worker trains its
