@@ -231,7 +231,6 @@ def with_options(model: Transformer, options: str) -> Transformer:
     asked = "auto" if "cuda_graphs" in chosen else False
     graphs = speed.cuda_graphs_enabled(asked, device, "compile" in chosen, distributed=False)
     if "compile" in chosen:
-        speed.stack_projections(model)
         speed.compile_blocks(model, cuda_graphs=graphs)
     return model
 

@@ -70,9 +70,7 @@ class LitLM(L.LightningModule):
             self.speed_options["cuda_graphs"], device, compiled, distributed
         )
         if compiled:
-            if not sharded:  # stacking reads each weight whole, which sharding splits
-                speed.stack_projections(self.model)
-            speed.compile_blocks(self.model, cuda_graphs=self._cuda_graphs)
+            speed.compile_blocks(self.model, cuda_graphs=self._cuda_graphs, stacked=not sharded)
         self._configured = True
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

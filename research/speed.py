@@ -35,10 +35,7 @@ def cuda_graphs_enabled(setting: Any, device: torch.device, compiled: bool, dist
     processes, whose gradient hooks it has not been measured with, and on ROCm, where torch's
     graph trees are reported to slow training's convergence (pytorch#187715). The graphs are the
     compiled blocks', so ``true`` needs ``trainer.compile`` on and a CUDA GPU."""
-    if setting == "auto":
-        return compiled and device.type == "cuda" and not distributed and torch.version.hip is None
-    require(isinstance(setting, bool), "trainer.cuda_graphs", setting, CHOICES)
-    if setting:
+    if setting is True:
         require(compiled, "trainer.cuda_graphs", True, "false or auto while trainer.compile is off")
         require(
             device.type == "cuda",
@@ -46,13 +43,18 @@ def cuda_graphs_enabled(setting: Any, device: torch.device, compiled: bool, dist
             True,
             f"false or auto on {device.type} (needs a CUDA GPU)",
         )
-    return setting
+    unmeasured = distributed or torch.version.hip is not None  # where auto leaves them off
+    return enabled("cuda_graphs", setting, device, sharded=unmeasured) and compiled
 
 
-def compile_blocks(model: Transformer, cuda_graphs: bool = False, **options: Any) -> None:
+def compile_blocks(
+    model: Transformer, cuda_graphs: bool = False, stacked: bool = True, **options: Any
+) -> None:
     """``torch.compile`` every block in place (the MTP modules' too), and the fused loss's per-chunk
     softmax and gradient. Compiling block by block keeps compile time flat in depth (blocks of one
     shape share their compiled code) and leaves parameter names and checkpoints as they are.
+    ``stacked``: with the projections of one input stacked (``stack_projections``), which pays only
+    compiled; false under a sharding strategy, which splits the weights it stacks.
     ``cuda_graphs``: each block's forward and backward replay as CUDA graphs (torch.compile's
     ``reduce-overhead`` mode): one launch each, where a MoE step launches ~1300 kernels, and a
     host CPU slower than its GPU at launching them leaves the GPU waiting (H200, MoE at the bench
@@ -62,6 +64,8 @@ def compile_blocks(model: Transformer, cuda_graphs: bool = False, **options: Any
     # trials one after another) fills torch.compile's per-function recompile limit, after which
     # every block would run eager, with only a warning, from the fourth architecture on.
     torch._dynamo.reset()
+    if stacked:
+        stack_projections(model)
     block_options = {**options, "mode": "reduce-overhead"} if cuda_graphs else options
     for block in [*model.blocks, *(m.block for m in model.mtp)]:
         block.compile(**block_options)
@@ -71,8 +75,8 @@ def compile_blocks(model: Transformer, cuda_graphs: bool = False, **options: Any
 def stack_projections(model: Transformer) -> None:
     """Projections that read the same input run as one GEMM (``components.linear.project``): MHA's
     q, k, v; MLA's query and latent down-projections; SwiGLU's gate and up (dense FFNs and shared
-    experts). Training stacks them where it compiles the blocks without a sharding strategy: only
-    compiled does stacking the weights cost nothing (it fuses into autocast's cast)."""
+    experts). ``compile_blocks`` stacks them: only compiled does stacking the weights cost nothing
+    (it fuses into autocast's cast)."""
     for module in model.modules():
         if isinstance(module, (SwiGLU, *ATTENTION_TYPES)):
             module.stacked = True
