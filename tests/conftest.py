@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -68,3 +72,14 @@ def shared_cache(tmp_path_factory, monkeypatch_session=None):
         os.environ.pop("LAB_CACHE_DIR", None)
     else:
         os.environ["LAB_CACHE_DIR"] = old
+
+
+def assert_ok_under_triton_interpreter(module: str) -> None:
+    """Run ``python -m module`` with ``TRITON_INTERPRET=1`` (read when Triton is imported, hence a
+    process of its own): Triton kernels on a CPU. The module prints "ok" when its checks pass."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr[-2000:]

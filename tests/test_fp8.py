@@ -1,10 +1,6 @@
 """DeepSeek-V3's FP8 recipe, checked on a CPU through the emulation path (same quantisation, fp32
 GEMMs): round-trip bounds, the linear's three GEMMs against fp32, and why the tiles are small."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -17,6 +13,7 @@ from components.fp8 import (
     quantize_tiles,
 )
 from tests.cli_helpers import TINY, error_line, lab, runs
+from tests.conftest import assert_ok_under_triton_interpreter
 
 # E4M3 keeps 3 mantissa bits: a normal value is off by at most half a step, 2^-4 of itself; below
 # the smallest normal (2^-6 x scale) the step is fixed, 2^-9 x scale, so half of it bounds the error.
@@ -208,8 +205,4 @@ def test_projections_reading_one_input_quantise_it_once_and_match_separate_input
 
 
 def test_triton_quantisers_place_every_value_and_scale_like_the_reference_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when Triton is imported: its own process
-    done = subprocess.run([sys.executable, "-m", "tests.fp8_triton_interpreted"], env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr[-2000:]
+    assert_ok_under_triton_interpreter("tests.fp8_triton_interpreted")
