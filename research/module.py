@@ -14,6 +14,7 @@ from components.moe import GroupedExperts
 from research import metrics as M
 from research import speed
 from research.model import ModelConfig, Transformer
+from research.optim import MasterAdamW
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -35,11 +36,13 @@ class LitLM(L.LightningModule):
         super().__init__()
         self.model = Transformer(model_cfg, linear)
         self.optim = dict(optim)
-        # trainer.compile / cuda_graphs / fused_loss / attention_kernel (research.speed), applied
-        # once the device is known
+        # trainer.compile / cuda_graphs / fused_loss / bf16_expert_weights / attention_kernel
+        # (research.speed), applied once the device is known
         self.speed_options = {"compile": False, "cuda_graphs": False, "fused_loss": False,
-                              "attention_kernel": "auto", **(speed_options or {})}  # fmt: skip
+                              "bf16_expert_weights": False, "attention_kernel": "auto",
+                              **(speed_options or {})}  # fmt: skip
         self._configured = self._cuda_graphs = False
+        self._masters: dict[torch.nn.Parameter, torch.Tensor] = {}  # of weights stored in bf16
         # Optimiser group of every parameter, decided here on the plain model: once FSDP shards it,
         # shapes no longer tell a matrix from a norm. Routed experts get a group of their own
         # (sharding strategies such as DeepSpeed's MoE path key on it); norms are not decayed.
@@ -64,14 +67,33 @@ class LitLM(L.LightningModule):
         if speed.enabled("fused_loss", self.speed_options["fused_loss"], device, sharded):
             speed.fuse_loss(self.model, sharded)
         speed.pin_attention_kernel(self.model, self.speed_options["attention_kernel"], device)
+        trainer = self.trainer
+        if speed.bf16_expert_weights_enabled(
+            self.speed_options["bf16_expert_weights"],
+            device,
+            self.model,
+            trainer.precision,
+            single_process=trainer.world_size == 1 and not sharded,
+            accumulate=trainer.accumulate_grad_batches,
+        ):
+            self._masters = speed.store_experts_in_bf16(self.model)
         compiled = speed.enabled("compile", self.speed_options["compile"], device, sharded)
-        distributed = self.trainer.world_size > 1
+        distributed = trainer.world_size > 1
         self._cuda_graphs = speed.cuda_graphs_enabled(
             self.speed_options["cuda_graphs"], device, compiled, distributed
         )
         if compiled:
             speed.compile_blocks(self.model, cuda_graphs=self._cuda_graphs, stacked=not sharded)
         self._configured = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Weights stored in bf16 are saved as their fp32 masters: a checkpoint is the same whichever
+        # way it was trained (and a resume loads the masters back from the optimiser's state).
+        if self._masters:
+            optimizer = self.trainer.optimizers[0]
+            for name, p in self.named_parameters():
+                if p.dtype != torch.float32:
+                    checkpoint["state_dict"][name] = optimizer.master_of(p).detach().clone()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._cuda_graphs:  # a new step: the graphs may overwrite the last step's outputs
@@ -120,6 +142,9 @@ class LitLM(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:  # fmt: skip
+        if gradient_clip_val and self._masters:
+            optimizer.clip_grad_norm_(gradient_clip_val)  # bf16 gradients scaled in fp32 by the step
+            return
         if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused"):
             # Lightning refuses to clip for a fused optimizer, which could unscale fp16 gradients
             # itself; precisions here are fp32 and bf16, with nothing to unscale.
@@ -142,7 +167,9 @@ class LitLM(L.LightningModule):
         # Fused (the whole update in one kernel per group) on a GPU without a sharding strategy,
         # whose wrappers own the parameters; elsewhere the default multi-tensor kernels.
         fused = self.device.type == "cuda" and not self._sharded()
-        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
+        opt = MasterAdamW(
+            groups, self._masters, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, o["warmup_steps"], o["total_steps"], o["min_lr_ratio"])
         )

@@ -1,18 +1,21 @@
 """Speed options of a training run that leave its numerics alone: ``trainer.compile``,
-``trainer.cuda_graphs`` and ``trainer.fused_loss``, each ``auto``, ``true`` or ``false``;
-``trainer.attention_kernel``, the SDPA kernel of causal attention (``auto``: SDPA's own pick)."""
+``trainer.cuda_graphs``, ``trainer.fused_loss`` and ``trainer.bf16_expert_weights``, each
+``auto``, ``true`` or ``false``; ``trainer.attention_kernel``, the SDPA kernel of causal attention
+(``auto``: SDPA's own pick)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.attention import SDPBackend
 
 from components.attention import ATTENTION_TYPES
 from components.ffn import SwiGLU
 from components.loss import chunk_for, cross_entropy_chunk
-from components.registry import require
+from components.moe import GroupedExperts
+from components.registry import require, spec_error
 from research.model import Transformer
 
 CHOICES = "auto, true, false"
@@ -45,6 +48,44 @@ def cuda_graphs_enabled(setting: Any, device: torch.device, compiled: bool, dist
         )
     unmeasured = distributed or torch.version.hip is not None  # where auto leaves them off
     return enabled("cuda_graphs", setting, device, sharded=unmeasured) and compiled
+
+
+def bf16_expert_weights_enabled(setting: Any, device: torch.device, model: Transformer, precision: str,
+                                single_process: bool, accumulate: int) -> bool:  # fmt: skip
+    """``trainer.bf16_expert_weights`` (``store_experts_in_bf16``): ``auto`` is on on a GPU where
+    it changes nothing but speed: bf16 autocast, one process (several would reduce the gradients in
+    bf16), no gradient accumulation (it would add them up in bf16), experts not under the FP8 recipe
+    (which rounds the weights itself). ``true`` asks for it, on a CPU too, under those same terms."""
+    unmet = [why for ok, why in (
+        (precision == "bf16-mixed", "unless precision is bf16"),
+        (single_process, "with several processes"),
+        (accumulate == 1, "with trainer.accumulate above 1"),
+        (not _fp8_experts(model), "with the experts under precision=fp8"),
+    ) if not ok]  # fmt: skip
+    if setting == "auto":
+        experts = any(isinstance(m, GroupedExperts) for m in model.modules())
+        return device.type == "cuda" and experts and not unmet
+    require(isinstance(setting, bool), "trainer.bf16_expert_weights", setting, CHOICES)
+    if setting and unmet:
+        raise spec_error("trainer.bf16_expert_weights", True, f"false or auto {unmet[0]}")
+    return setting
+
+
+def _fp8_experts(model: Transformer) -> bool:
+    return any(isinstance(m, GroupedExperts) and m.fp8 is not None for m in model.modules())
+
+
+def store_experts_in_bf16(model: Transformer) -> dict[nn.Parameter, torch.Tensor]:
+    """Store the routed experts' weights in bf16, the dtype their grouped GEMMs read under bf16
+    autocast (``research.optim``: what this saves). Returns each weight's fp32 tensor: its master
+    for ``research.optim.MasterAdamW``, which the weight must be trained with."""
+    masters = {}
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            for p in module.parameters():
+                masters[p] = p.data
+                p.data = p.data.to(torch.bfloat16)
+    return masters
 
 
 def compile_blocks(

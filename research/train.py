@@ -180,10 +180,11 @@ def deterministic(t: DictConfig) -> bool | str:
 
 
 def speed_options(t: DictConfig) -> dict:
-    """``trainer.compile``, ``trainer.cuda_graphs``, ``trainer.fused_loss`` and
-    ``trainer.attention_kernel`` (research.speed). ``auto`` leaves compiling off in a deterministic
-    run: its kernels' determinism is not verified."""
-    options = {key: t.get(key, False) for key in ("compile", "cuda_graphs", "fused_loss")}
+    """``trainer.compile``, ``trainer.cuda_graphs``, ``trainer.fused_loss``,
+    ``trainer.bf16_expert_weights`` and ``trainer.attention_kernel`` (research.speed). ``auto``
+    leaves compiling off in a deterministic run: its kernels' determinism is not verified."""
+    keys = ("compile", "cuda_graphs", "fused_loss", "bf16_expert_weights")
+    options = {key: t.get(key, False) for key in keys}
     options["attention_kernel"] = t.get("attention_kernel", "auto")
     if options["compile"] == "auto" and deterministic(t) is True:
         options["compile"] = False

@@ -228,13 +228,19 @@ def test_the_module_applies_the_options_once_the_device_is_known(device, applied
         return fn
 
     monkeypatch.setattr(torch, "compile", spy)
-    options = {"compile": "auto", "cuda_graphs": "auto", "fused_loss": "auto"}
-    module = LitLM(tiny_config(), {}, torch.ones(64), speed_options=options)
+    options = {"compile": "auto", "cuda_graphs": "auto", "fused_loss": "auto", "bf16_expert_weights": "auto"}
+    module = LitLM(tiny_config(ffn="moe"), {}, torch.ones(64), speed_options=options)
     module._trainer = SimpleNamespace(
-        strategy=SimpleNamespace(root_device=torch.device(device)), world_size=1
+        strategy=SimpleNamespace(root_device=torch.device(device)),
+        world_size=1,
+        precision="bf16-mixed",
+        accumulate_grad_batches=1,
     )
     module.configure_model()
     block = module.model.blocks[0]
+    experts = module.model.blocks[1].ffn.experts
+    assert experts.w_down.dtype == (torch.bfloat16 if applied else torch.float32)
+    assert set(module._masters) == ({experts.w_gate_up, experts.w_down} if applied else set())
     assert (block._compiled_call_impl is not None) == applied
     assert (module.model.loss_chunk > 0) == applied
     # on a GPU the blocks replay as CUDA graphs; the loss's chunk maths runs between them
@@ -310,7 +316,8 @@ def test_each_batch_marks_a_new_cuda_graph_step_when_graphs_are_on(graphs, monke
 
 def test_a_deterministic_run_is_not_compiled_unless_asked():
     t = OmegaConf.create({"compile": "auto", "fused_loss": "auto", "deterministic": True})
-    want = {"compile": False, "cuda_graphs": False, "fused_loss": "auto", "attention_kernel": "auto"}
+    want = {"compile": False, "cuda_graphs": False, "fused_loss": "auto", "bf16_expert_weights": False,
+            "attention_kernel": "auto"}  # fmt: skip
     assert speed_options(t) == want
     t.compile = True
     assert speed_options(t)["compile"] is True
