@@ -5,11 +5,13 @@ same config as ours, with the same number of weights, on one GPU.
     python -m bench.throughput [--steps 20] [--pairs moe,dense] [--peers eager,compiled] [--layers]
     python -m bench.throughput --tiny --device cpu --steps 2   # a smoke run of the script itself
 
-Every arm trains the same way: bf16 autocast over fp32 weights, fused AdamW, batch 8 x 2048, a few
+Every arm trains the same way: bf16 autocast, AdamW with fp32 weights (fused), batch 8 x 2048, a few
 warm-up steps, then the median of the timed steps (a CUDA event between each two, no waiting).
-Ours is the model training runs (``research.model.Transformer``) with the speed options training
-applies on a GPU (``research.speed``: ``trainer.compile``, ``trainer.cuda_graphs``,
-``trainer.fused_loss``, and ``trainer.attention_kernel`` by a kernel's name; ``--ours`` picks them,
+Ours is the model training runs (``research.model.Transformer``), with its optimiser
+(``research.optim.MasterAdamW``) and the speed options training applies on a GPU
+(``research.speed``: ``trainer.compile``, ``trainer.cuda_graphs``, ``trainer.fused_loss``,
+``trainer.bf16_expert_weights``, whose experts' weights are bf16 over fp32 masters, and
+``trainer.attention_kernel`` by a kernel's name; ``--ours`` picks them,
 several variants give each option's gain); its aux-free bias update is part of its step, as in
 training. MFU counts one model's FLOPs for both sides of a pair (``Transformer.flops_per_token``).
 Each variant's first training step computes the loss of the batch from the weights ours plain
@@ -42,6 +44,7 @@ from research import speed
 from research.callbacks import device_peak_flops
 from research.hf_import import config_from_hf_deepseek_v3, from_hf_deepseek_v3
 from research.model import ModelConfig, Transformer
+from research.optim import MasterAdamW, StepScalars, adamw_master_update_reference
 
 
 @dataclass
@@ -141,6 +144,7 @@ class Timing:
     peak_gib: float  # allocated
     reserved_gib: float
     first_loss: float  # of the first step, from the initial weights
+    last_loss: float  # of the last timed step: where the same batch, trained on, has got to
 
 
 def _ours_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
@@ -153,9 +157,16 @@ def _peer_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def time_training(model: nn.Module, loss_of: Callable, batch: torch.Tensor, steps: int, warmup: int,
-                  after_step: Callable = lambda: None, profile: bool = False) -> Timing:  # fmt: skip
+                  after_step: Callable = lambda: None, profile: bool = False,
+                  masters: dict | None = None) -> Timing:  # fmt: skip
+    """``masters``: ours's optimiser, training's (``MasterAdamW``, with these fp32 masters of the
+    weights stored in bf16); else the peers', ``torch.optim.AdamW``."""
     device = batch.device
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    fused = device.type == "cuda"
+    if masters is None:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    else:
+        opt = MasterAdamW(model.parameters(), masters, lr=1e-4, fused=fused)
 
     def step() -> torch.Tensor:
         torch.compiler.cudagraph_mark_step_begin()  # for CUDA graphs: a new step (else a no-op)
@@ -196,7 +207,7 @@ def time_training(model: nn.Module, loss_of: Callable, batch: torch.Tensor, step
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     if profile:
         _print_profile(step)
-    return Timing(ms, batch[:, :-1].numel() / ms * 1e3, peak, reserved, first_loss)
+    return Timing(ms, batch[:, :-1].numel() / ms * 1e3, peak, reserved, first_loss, float(losses[-1]))
 
 
 def _print_profile(step: Callable, steps: int = 3) -> None:
@@ -215,14 +226,16 @@ def _fresh(model: nn.Module, device: torch.device) -> nn.Module:
 
 KERNELS = tuple(k for k in speed.ATTENTION_KERNELS if k != "auto")
 # research.speed's options, as trainer.* applies them; a kernel name pins trainer.attention_kernel
-OURS_OPTIONS = ("compile", "cuda_graphs", "fused_loss", *KERNELS)
-DEFAULT_OURS = "compile+cuda_graphs+fused_loss"  # what training applies on one GPU
+OURS_OPTIONS = ("compile", "cuda_graphs", "fused_loss", "bf16_expert_weights", *KERNELS)
+DEFAULT_OURS = "compile+cuda_graphs+fused_loss+bf16_expert_weights"  # what training applies on one GPU
 
 
-def with_options(model: Transformer, options: str) -> Transformer:
-    """``options``: "plain", or speed options joined by "+" (e.g. "compile+fused_loss+cudnn")."""
+def with_options(model: Transformer, options: str) -> tuple[Transformer, dict]:
+    """``options``: "plain", or speed options joined by "+" (e.g. "compile+fused_loss+cudnn").
+    Returns the model and the fp32 masters of its weights stored in bf16, for its optimiser."""
     chosen = options.split("+")
     device = next(model.parameters()).device
+    masters = speed.store_experts_in_bf16(model) if "bf16_expert_weights" in chosen else {}
     if "fused_loss" in chosen:
         speed.fuse_loss(model)
     for kernel in set(chosen) & set(KERNELS):
@@ -232,7 +245,7 @@ def with_options(model: Transformer, options: str) -> Transformer:
     graphs = speed.cuda_graphs_enabled(asked, device, "compile" in chosen, distributed=False)
     if "compile" in chosen:
         speed.compile_blocks(model, cuda_graphs=graphs)
-    return model
+    return model, masters
 
 
 def plain_loss(ours: Transformer, batch: torch.Tensor) -> float:
@@ -255,13 +268,14 @@ def run_pair(name: str, s: Shape, device: torch.device, steps: int, warmup: int,
 
     arms: list[tuple[str, str, Timing]] = []
     for i, options in enumerate(ours_variants):
-        model = with_options(_fresh(ours, device), options)
+        model, masters = with_options(_fresh(ours, device), options)
         profiled = profile and i == len(ours_variants) - 1  # the last: the fastest asked for
-        timing = time_training(model, _ours_loss, batch, steps, warmup, model.update_balance_bias, profiled)
+        timing = time_training(model, _ours_loss, batch, steps, warmup, model.update_balance_bias, profiled,
+                               masters)  # fmt: skip
         print(f"loss of one batch, ours plain {plain:.5f} vs {options} {timing.first_loss:.5f} "
               f"(rel. difference {abs(timing.first_loss - plain) / plain:.1e})")  # fmt: skip
         arms.append((ours_name, options, timing))
-        del model
+        del model, masters
     for mode in peer_modes:
         model = _fresh(peer, device)
         if mode == "compiled":
@@ -273,12 +287,39 @@ def run_pair(name: str, s: Shape, device: torch.device, steps: int, warmup: int,
 
     peak_flops = device_peak_flops(device) or float("nan")  # the table training's MFU uses
     ours_tps = arms[len(ours_variants) - 1][2].tokens_per_s  # the last of ours: the fastest asked for
-    print(f"{'model':<26}{'options':<32}{'ms/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}"
-          f"{'reserved':>10}{'loss':>9}{'ours/this':>11}")  # fmt: skip
+    print(f"{'model':<26}{'options':<52}{'ms/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}"
+          f"{'reserved':>10}{'loss':>9}{'last loss':>10}{'ours/this':>11}")  # fmt: skip
     for model_name, mode, t in arms:
         mfu = flops * t.tokens_per_s / peak_flops
-        print(f"{model_name:<26}{mode:<32}{t.ms:>9.1f}{t.tokens_per_s:>11,.0f}{mfu:>7.1%}{t.peak_gib:>10.2f}"
-              f"{t.reserved_gib:>10.2f}{t.first_loss:>9.4f}{ours_tps / t.tokens_per_s:>10.2f}x")  # fmt: skip
+        print(f"{model_name:<26}{mode:<52}{t.ms:>9.1f}{t.tokens_per_s:>11,.0f}{mfu:>7.1%}{t.peak_gib:>10.2f}"
+              f"{t.reserved_gib:>10.2f}{t.first_loss:>9.4f}{t.last_loss:>10.4f}"
+              f"{ours_tps / t.tokens_per_s:>10.2f}x")  # fmt: skip
+
+
+def check_master_adamw(device: torch.device) -> None:
+    """``MasterAdamW``'s update on this device (its Triton kernel on a GPU) against its torch
+    reference in float64, over a few steps of a clipped gradient: the bf16 weights' numerics."""
+    update = adamw_master_update_reference
+    if device.type == "cuda":
+        from research.adamw_triton import adamw_master_update as update
+    g = torch.Generator(device).manual_seed(0)
+    n = 3 * 2**20 + 5
+    master = torch.randn(n, generator=g, device=device)
+    grads = [torch.randn(n, generator=g, device=device).bfloat16() for _ in range(3)]
+    results = []
+    for run_update, dtype in ((update, torch.float32), (adamw_master_update_reference, torch.float64)):
+        p, w = master.bfloat16(), master.to(dtype, copy=True)  # updated in place
+        m, v = torch.zeros_like(w), torch.zeros_like(w)
+        scale = torch.tensor(0.7, device=device, dtype=dtype)  # a clipping coefficient
+        group = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.01}
+        for step, grad in enumerate(grads, 1):
+            run_update(p, w, grad, m, v, scale, StepScalars.of(group, step))
+        results.append((p, w))
+    (p, w), (_, w64) = results
+    error = float(((w.double() - w64).abs() / w64.abs().clamp_min(1e-3)).max())
+    rounded = bool(torch.equal(p, w.bfloat16()))
+    print(f"MasterAdamW's update vs its float64 reference: max rel. error {error:.1e}; "
+          f"bf16 weights = fp32 masters rounded: {rounded}")  # fmt: skip
 
 
 def _time_layer(layer: nn.Module, x: torch.Tensor, call: Callable, iters: int = 10) -> float:
@@ -391,6 +432,7 @@ def main() -> None:
             parser.error(
                 f"unknown --ours option {sorted(unknown)}; choose from plain, {', '.join(OURS_OPTIONS)}"
             )
+    check_master_adamw(device)
     for pair in pairs:
         run_pair(pair, s, device, args.steps, args.warmup, ours, peers, args.profile)
     if args.layers:
