@@ -42,7 +42,9 @@ class LitLM(L.LightningModule):
                               "bf16_expert_weights": False, "attention_kernel": "auto",
                               **(speed_options or {})}  # fmt: skip
         self._configured = self._cuda_graphs = False
-        self._masters: dict[torch.nn.Parameter, torch.Tensor] = {}  # of weights stored in bf16
+        self._bf16_weights = False  # some weights stored in bf16 (trainer.bf16_expert_weights)
+        # their fp32 originals, until configure_optimizers hands them to MasterAdamW as its masters
+        self._masters: dict[torch.nn.Parameter, torch.Tensor] = {}
         # Optimiser group of every parameter, decided here on the plain model: once FSDP shards it,
         # shapes no longer tell a matrix from a norm. Routed experts get a group of their own
         # (sharding strategies such as DeepSpeed's MoE path key on it); norms are not decayed.
@@ -77,6 +79,7 @@ class LitLM(L.LightningModule):
             accumulate=trainer.accumulate_grad_batches,
         ):
             self._masters = speed.store_experts_in_bf16(self.model)
+            self._bf16_weights = True
         compiled = speed.enabled("compile", self.speed_options["compile"], device, sharded)
         distributed = trainer.world_size > 1
         self._cuda_graphs = speed.cuda_graphs_enabled(
@@ -89,7 +92,7 @@ class LitLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Weights stored in bf16 are saved as their fp32 masters: a checkpoint is the same whichever
         # way it was trained (and a resume loads the masters back from the optimiser's state).
-        if self._masters:
+        if self._bf16_weights:
             optimizer = self.trainer.optimizers[0]
             for name, p in self.named_parameters():
                 if p.dtype != torch.float32:
@@ -142,7 +145,7 @@ class LitLM(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:  # fmt: skip
-        if gradient_clip_val and self._masters:
+        if gradient_clip_val and self._bf16_weights:
             optimizer.clip_grad_norm_(gradient_clip_val)  # bf16 gradients scaled in fp32 by the step
             return
         if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused"):
@@ -167,9 +170,10 @@ class LitLM(L.LightningModule):
         # Fused (the whole update in one kernel per group) on a GPU without a sharding strategy,
         # whose wrappers own the parameters; elsewhere the default multi-tensor kernels.
         fused = self.device.type == "cuda" and not self._sharded()
-        opt = MasterAdamW(
-            groups, self._masters, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused
-        )
+        # The optimiser alone holds the masters: after a resume it loads them from the checkpoint,
+        # and the initial ones must not stay alive here.
+        masters, self._masters = self._masters, {}
+        opt = MasterAdamW(groups, masters, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, o["warmup_steps"], o["total_steps"], o["min_lr_ratio"])
         )

@@ -41,28 +41,25 @@ class MasterAdamW(torch.optim.AdamW):
         self._initial_masters = dict(masters or {})
         self._grad_scale: torch.Tensor | None = None  # clip_grad_norm_'s, for the bf16 gradients
 
-    def _low_precision(self, group: dict) -> list[nn.Parameter]:
-        return [p for p in group["params"] if p.grad is not None and p.dtype != torch.float32]
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:  # Lightning passes forward and backward as the closure
             with torch.enable_grad():
                 loss = closure()
-        low = [p for group in self.param_groups for p in self._low_precision(group)]
-        grads = [p.grad for p in low]
+        low = [(group, p) for group in self.param_groups for p in group["params"]
+               if p.grad is not None and p.dtype != torch.float32]  # fmt: skip
+        grads = [p.grad for _, p in low]
         # AdamW's own step sees the fp32 parameters only: it skips those without a gradient.
-        for p in low:
+        for _, p in low:
             p.grad = None
         try:
             super().step()
         finally:
-            for p, grad in zip(low, grads, strict=True):
+            for (_, p), grad in zip(low, grads, strict=True):
                 p.grad = grad
-        for group in self.param_groups:
-            for p in self._low_precision(group):
-                self._update(p, group)
+        for group, p in low:
+            self._update(p, group)
         self._grad_scale = None
         return loss
 
@@ -125,6 +122,7 @@ class MasterAdamW(torch.optim.AdamW):
         }
         super().load_state_dict(state_dict)
         for p, tensors in keep.items():
+            self._initial_masters.pop(p, None)  # superseded by the checkpoint's: free them
             for key, value in tensors.items():
                 self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
             self.state[p]["step"] = self.state[p]["step"].cpu().float()

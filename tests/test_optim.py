@@ -71,8 +71,10 @@ def test_the_masters_start_from_the_weights_fp32_values_and_survive_a_state_dict
     with torch.no_grad():
         for a, b in zip(again, low, strict=True):
             a.copy_(b)
-    restored = MasterAdamW(_groups(again), {}, **HYPER)  # no masters given: only the checkpoint's
+    stale = {again[0]: torch.zeros(33, 17)}  # a fresh run's initial master: the checkpoint's wins
+    restored = MasterAdamW(_groups(again), stale, **HYPER)
     restored.load_state_dict(saved)
+    assert not restored._initial_masters  # and the stale one is let go (a resume holds no copy)
     state = restored.state[again[0]]
     for key in ("master", "exp_avg", "exp_avg_sq"):  # torch would have cast these to bf16
         assert state[key].dtype == torch.float32 and torch.equal(state[key], opt.state[low[0]][key])

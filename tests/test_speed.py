@@ -241,6 +241,7 @@ def test_the_module_applies_the_options_once_the_device_is_known(device, applied
     experts = module.model.blocks[1].ffn.experts
     assert experts.w_down.dtype == (torch.bfloat16 if applied else torch.float32)
     assert set(module._masters) == ({experts.w_gate_up, experts.w_down} if applied else set())
+    assert module._bf16_weights == applied
     assert (block._compiled_call_impl is not None) == applied
     assert (module.model.loss_chunk > 0) == applied
     # on a GPU the blocks replay as CUDA graphs; the loss's chunk maths runs between them
