@@ -57,7 +57,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, C] -> affinities [N, E], selected experts [N, K], combine weights [N, K] (fp32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        # fp32 even under autocast, which would run this linear in bf16: bf16 logits tie often
+        # among E experts, and a tie broken one way eagerly and another compiled moves tokens.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach() + self.bias
         if self.n_groups > 1:
@@ -172,24 +175,6 @@ def fp8_grouped_mm(x, w, counts, gemm, pow2: bool = False, dgrad: str = "fp8", w
     return _FP8GroupedMM.apply(x, w, counts, gemm, pow2, dgrad, wgrad)
 
 
-class _GatherRows(torch.autograd.Function):
-    """``t[index]`` for an ``index`` that takes every row of ``t`` the same number r of times;
-    ``copies`` [rows of t * r] lists, row by row of t, where its r copies went. The gradient then
-    gathers through ``copies`` and sums each row's r copies, where autograd's own would scatter-add
-    (atomics, contended r ways, and not deterministic)."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, index: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(copies)
-        ctx.rows = t.shape[0]
-        return t[index]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (copies,) = ctx.saved_tensors
-        return grad[copies].view(ctx.rows, -1, grad.shape[-1]).sum(dim=1), None, None
-
-
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights, so all of them run in one grouped GEMM."""
 
@@ -221,7 +206,11 @@ class GroupedExperts(nn.Module):
             0, flat_expert, torch.ones_like(flat_expert)
         )
         dtype = compute_dtype(x)
-        rows = _GatherRows.apply(x.to(dtype), order // K, inverse)  # each token to its K slots
+        # Plain indexing, whose gradient autograd scatter-adds. A custom autograd.Function whose
+        # backward gathered through the inverse permutation instead compiled on an H200 (torch 2.11)
+        # into a backward whose gradients came out wrong in about half the runs: MoE training then
+        # collapsed (bench/quality.py is the gate that catches it).
+        rows = x.to(dtype)[order // K]  # [N*K, C], each token to its K slots, grouped by expert
         h = self._mm(rows, self.w_gate_up.to(dtype), counts)
         gate, up = h.chunk(2, dim=-1)
         # The combine weight scales each row before the down projection, which is linear: the same
@@ -231,7 +220,7 @@ class GroupedExperts(nn.Module):
         out = self._mm((F.silu(gate) * up * row_weight).to(dtype), self.w_down.to(dtype), counts)
         # Back to (token, slot) order by a gather that compiles into the sum over each token's K
         # outputs: one kernel, where index_add_ would add atomically (contended K ways).
-        slots = _GatherRows.apply(out, inverse, order).view(N, K, -1)  # [N, K, C]
+        slots = out[inverse].view(N, K, -1)  # [N, K, C]
         return slots.sum(dim=1), counts
 
 
