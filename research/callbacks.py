@@ -4,6 +4,7 @@ that stops runs which diverged."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
 import sys
 import time
@@ -17,8 +18,11 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from components.balance import max_violation
 from components.fp8 import FP8Linear
+from components.moe import MoE
 from research import metrics as M
 from research.errors import TrainingDiverged
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first.
 PEAK_BF16_FLOPS = {
@@ -153,14 +157,44 @@ class PerfMonitor(L.Callback):
 
 class MoEMonitor(L.Callback):
     """MaxVio of the expert loads: per training batch (``moe/maxvio_batch``) and over the whole
-    validation set (``moe/maxvio_global``), each the mean over MoE layers."""
+    validation set (``moe/maxvio_global``), each the mean over MoE layers.
+
+    It also watches for routing collapse: a layer whose batch MaxVio sits at its ceiling E/K - 1
+    (every token sent to the same K experts) for ``patience`` logging steps in a row gets a one-line
+    warning naming it, and the run the tag ``moe.collapsed=true`` (``lab compare`` marks the arm).
+    Such a run's val/bpb answers a different question than its config asks."""
 
     global_loads: torch.Tensor | None = None  # [layers, experts] over the last validation
 
+    def __init__(self, patience: int = 3, near_ceiling: float = 0.95):
+        self.patience, self.near_ceiling = patience, near_ceiling
+        self._at_ceiling: dict[str, int] = {}  # layer -> logging steps in a row at the ceiling
+        self.collapsed: list[str] = []  # the layers reported collapsed
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        layers = pl_module.model.moe_layers()
-        if layers and on_log_step(trainer):  # MaxVio reads the loads on the host
-            pl_module.log(M.MAXVIO_BATCH, sum(max_violation(m.last_load) for m in layers) / len(layers))
+        layers = {name: m for name, m in pl_module.model.named_modules() if isinstance(m, MoE)}
+        if not layers or not on_log_step(trainer):  # MaxVio reads the loads on the host
+            return
+        maxvio = {name: max_violation(m.last_load) for name, m in layers.items()}
+        pl_module.log(M.MAXVIO_BATCH, sum(maxvio.values()) / len(maxvio))
+        for name, m in layers.items():
+            ceiling = m.router.n_experts / m.router.top_k - 1
+            at_ceiling = ceiling > 0 and maxvio[name] >= self.near_ceiling * ceiling
+            self._at_ceiling[name] = self._at_ceiling.get(name, 0) + 1 if at_ceiling else 0
+            if self._at_ceiling[name] == self.patience and name not in self.collapsed:
+                self._report_collapse(trainer, name, maxvio[name], ceiling, m.router.top_k)
+
+    def _report_collapse(self, trainer: L.Trainer, layer: str, maxvio: float, ceiling: float, k: int) -> None:
+        if not self.collapsed:
+            for logger in trainer.loggers:
+                if isinstance(logger, MLFlowLogger) and logger.run_id:
+                    logger.experiment.set_tag(logger.run_id, M.MOE_COLLAPSED, "true")
+        self.collapsed.append(layer)
+        log.warning(
+            f"routing collapsed in MoE layer {layer} at step {trainer.global_step}: MaxVio {maxvio:.2f} at "
+            f"its ceiling E/K-1={ceiling:g} for {self.patience} logging steps (every token goes to the "
+            f"same {k} experts); the run is tagged {M.MOE_COLLAPSED}=true"
+        )
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._loads = [torch.zeros_like(m.last_load) for m in pl_module.model.moe_layers()]

@@ -61,6 +61,7 @@ class RunRecord:
     reason: str
     metrics: dict[str, float]
     baseline: str | None = None
+    collapsed: bool = False  # tagged moe.collapsed: its routing collapsed (research.callbacks.MoEMonitor)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class ArmSummary:
     stats: dict[str, Stat] = field(default_factory=dict)
     deltas: dict[str, Delta] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    collapsed: list[int] = field(default_factory=list)  # seeds whose routing collapsed
 
 
 def load_runs(uri: str, experiments: list[str], where: dict[str, str] | None = None) -> list[RunRecord]:
@@ -120,6 +122,7 @@ def load_runs(uri: str, experiments: list[str], where: dict[str, str] | None = N
             run.data.tags.get("failure_reason", ""),
             dict(run.data.metrics),
             run.data.tags.get("baseline"),
+            run.data.tags.get(M.MOE_COLLAPSED) == "true",
         )
         for (exp_name, arm, seed), run in latest.items()
     ]
@@ -150,6 +153,7 @@ def summarise(runs: list[RunRecord], metrics: tuple[str, ...], baseline: str | N
     for arm, rs in arms.items():
         s = ArmSummary(arm, len(finished[arm]), sum(r.status == "FAILED" for r in rs))
         s.failures = [f"seed {r.seed}: {r.reason or r.status}" for r in rs if r.status != "FINISHED"]
+        s.collapsed = [r.seed for r in rs if r.collapsed]
         for m in metrics:
             values = [r.metrics[m] for r in finished[arm] if m in r.metrics]
             if values:
@@ -314,6 +318,7 @@ def tables(summaries: list[ArmSummary], metrics: tuple[str, ...], baseline: str 
     for s in summaries:
         cells = [_mean_std(s.stats[m], m) if m in s.stats else "-" for m in shown]
         runs = f"{s.finished} ok" + (f", {s.failed} FAILED" if s.failed else "")
+        runs += f", {len(s.collapsed)} COLLAPSED" if s.collapsed else ""
         means.append([s.arm + (" (baseline)" if s.arm == baseline else ""), runs, *cells])
     deltas = [["arm", *[f"Δ {h}" for h in headers]]]
     for s in summaries:
@@ -358,6 +363,12 @@ def compare(experiments: list[str], uri: str = "sqlite:///mlruns.db", where: dic
     )
     means, deltas = tables(summaries, metrics, baseline)
     failures = [f"{s.arm} {f}" for s in summaries for f in s.failures]
+    failures += [
+        f"{s.arm} seed {seed}: routing collapsed (tag {M.MOE_COLLAPSED}): every token of a layer went to "
+        "the same experts, so its numbers do not describe the arm's config"
+        for s in summaries
+        for seed in s.collapsed
+    ]
 
     out = out or Path("reports") / "_".join(experiments) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)

@@ -21,3 +21,6 @@ ALL = (
     TOKENS_PER_S_PER_GPU, MFU, STEP_MS, PEAK_MEM_GIB, PEAK_MEM_GIB_JOB, MAXVIO_BATCH, MAXVIO_GLOBAL,
     KV_CACHE_BYTES_PER_TOKEN,
 )  # fmt: skip
+
+# Run tags the trainer sets and the comparison reads.
+MOE_COLLAPSED = "moe.collapsed"  # "true": some MoE layer's routing collapsed (research.callbacks.MoEMonitor)
