@@ -37,6 +37,7 @@ import transformers
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench.quality import latest_verdict
 from bench.timing import time_ms
 from components.ffn import FFN
 from components.linear import make_linear
@@ -437,6 +438,8 @@ def main() -> None:
         run_pair(pair, s, device, args.steps, args.warmup, ours, peers, args.profile)
     if args.layers:
         layers(s, device)
+    # Speed counts only on a path that learns: the gate's last verdict here, beside the table.
+    print(latest_verdict())
 
 
 if __name__ == "__main__":

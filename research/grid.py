@@ -78,16 +78,17 @@ class Job:
 
 
 def arms(cfg: DictConfig) -> dict[str, list[str]]:
-    """Arm label -> its overrides: named bundles (``grid.arms``) or every combination of
-    ``grid.params``."""
-    if cfg.grid.get("arms"):
-        return {name: list(ovs) for name, ovs in OmegaConf.to_container(cfg.grid.arms, resolve=True).items()}
-    params = OmegaConf.to_container(cfg.grid.params, resolve=True)
+    """Arm label -> its overrides: every combination of ``grid.params``, or named bundles
+    (``grid.arms``), or with both, each bundle crossed with every combination."""
+    params = OmegaConf.to_container(cfg.grid.get("params") or {}, resolve=True)
     values = [v if isinstance(v, list) else [v] for v in params.values()]
-    combos = (
-        [f"{k}={v}" for k, v in zip(params, combo, strict=True)] for combo in itertools.product(*values)
-    )
-    return {" ".join(arm): arm for arm in combos}
+    combos = [[f"{k}={v}" for k, v in zip(params, c, strict=True)] for c in itertools.product(*values)]
+    combos = {" ".join(arm): arm for arm in combos}
+    if not cfg.grid.get("arms"):
+        return combos
+    bundles = OmegaConf.to_container(cfg.grid.arms, resolve=True)
+    return {" ".join(filter(None, (name, label))): [*ovs, *combo]
+            for name, ovs in bundles.items() for label, combo in combos.items()}  # fmt: skip
 
 
 def expand(name: str, cfg: DictConfig, overrides: list[str]) -> list[Job]:

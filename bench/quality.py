@@ -1,0 +1,210 @@
+"""The quality gate: do the GPU defaults learn what every speed option off learns?
+
+    python -m bench.quality [--jobs 15] [OVERRIDES ...]
+
+It runs the grid ``ablations/quality_gate.yaml`` through the real user path (``lab grid``: the
+config tree, ``lab train`` per run, LitLM, the data module, the callbacks, MLflow), each arm of a
+covering set of the axes once with ``speed=auto`` (compiled blocks, CUDA graphs, the fused loss,
+bf16 expert weights: what a GPU run gets by default) and once with ``speed=plain`` (all of them
+off), over several seeds. Then, arm by arm, the rule:
+
+- every run finished, and no ``speed=auto`` run collapsed its routing where ``speed=plain`` did not;
+- val/bpb: the fast path fails when it is worse by more than ``BPB_FLOOR`` and a one-sided t-test
+  says so at p < ``P_VALUE``, or when it is worse by more than ``BPB_HARD`` whatever the seeds
+  say (three seeds give the test little power; a gap that large needs none);
+- MaxVio (``moe/maxvio_global``): fails when it differs both by more than its floor (the larger of
+  ``MAXVIO_FLOOR`` and ``MAXVIO_REL`` of the plain mean) and by a two-sided t-test at
+  p < ``P_VALUE``, or by more than ``MAXVIO_HARD`` times that floor.
+
+The t-tests pair the runs seed by seed (the same seed gives both the same initial weights and data
+order), and fall back to Welch's test where the seeds differ.
+
+It prints one table, writes ``verdict.json`` (also ``reports/quality_gate/latest.json``, which
+``bench.throughput`` prints beside its table) and exits 1 when any arm fails. A speed option
+counts as done only when this gate passes on the GPU it was made for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from research import metrics as M
+from research import tracking
+from research.compare import RunRecord, load_runs
+from research.grid import run_grid
+from research.report import print_tables
+
+GRID = "quality_gate"
+FAST, PLAIN = "speed=auto", "speed=plain"
+P_VALUE = 0.01
+BPB_FLOOR, BPB_HARD = 0.02, 0.05
+MAXVIO_FLOOR, MAXVIO_REL, MAXVIO_HARD = 0.25, 0.25, 4.0
+LATEST = Path("reports") / GRID / "latest.json"
+
+
+@dataclass
+class Comparison:
+    fast: tuple[float, float]  # mean, std over seeds
+    plain: tuple[float, float]
+    delta: float  # fast - plain
+    p_value: float
+    ok: bool
+
+
+def t_test_p(a: list[float], b: list[float], alternative: str, paired: bool) -> float:
+    """p of a t-test of a against b: paired (seed by seed), else Welch's. With no spread at all,
+    0 for any difference and 1 for none."""
+    from scipy import stats
+
+    diffs = np.subtract(a, b) if paired else None
+    no_spread = np.std(diffs) == 0 if paired else np.std(a) == 0 and np.std(b) == 0
+    if len(a) < 2 or len(b) < 2 or no_spread:
+        delta = np.mean(a) - np.mean(b)
+        return 0.0 if (delta > 0 if alternative == "greater" else delta != 0) else 1.0
+    if paired:
+        return float(stats.ttest_rel(a, b, alternative=alternative).pvalue)
+    return float(stats.ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def judge_bpb(fast: list[float], plain: list[float], paired: bool) -> Comparison:
+    """Fails when the fast path's val/bpb is worse beyond the seeds' spread (module docstring)."""
+    delta = float(np.mean(fast) - np.mean(plain))
+    p = t_test_p(fast, plain, "greater", paired)
+    worse = (delta > BPB_FLOOR and p < P_VALUE) or delta > BPB_HARD
+    return Comparison(_mean_std(fast), _mean_std(plain), delta, p, not worse)
+
+
+def judge_maxvio(fast: list[float], plain: list[float], paired: bool) -> Comparison:
+    """Fails when MaxVio differs, either way, beyond its floor and the seeds' spread."""
+    delta = float(np.mean(fast) - np.mean(plain))
+    floor = max(MAXVIO_FLOOR, MAXVIO_REL * abs(float(np.mean(plain))))
+    p = t_test_p(fast, plain, "two-sided", paired)
+    differs = (abs(delta) > floor and p < P_VALUE) or abs(delta) > MAXVIO_HARD * floor
+    return Comparison(_mean_std(fast), _mean_std(plain), delta, p, not differs)
+
+
+@dataclass
+class ArmVerdict:
+    arm: str
+    ok: bool
+    problems: list[str]
+    bpb: Comparison | None
+    maxvio: Comparison | None
+    speedup: float | None  # tokens/s, fast over plain
+
+
+def judge_arm(arm: str, fast: list[RunRecord], plain: list[RunRecord]) -> ArmVerdict:
+    problems = [f"{FAST if r in fast else PLAIN} seed {r.seed}: {r.status} {r.reason}".strip()
+                for r in [*fast, *plain] if r.status != "FINISHED"]  # fmt: skip
+    if not fast or not plain:
+        problems.append(f"no runs of {FAST if not fast else PLAIN}")
+    fast_collapsed = [r.seed for r in fast if r.collapsed]
+    if fast_collapsed and not any(r.collapsed for r in plain):
+        problems.append(f"{FAST} routing collapsed (seeds {fast_collapsed}), {PLAIN} did not")
+
+    def values(runs: list[RunRecord], metric: str) -> list[float]:
+        return [r.metrics[metric] for r in sorted(runs, key=lambda r: r.seed)
+                if r.status == "FINISHED" and metric in r.metrics]  # fmt: skip
+
+    def seeds(runs: list[RunRecord], metric: str) -> list[int]:
+        return sorted(r.seed for r in runs if r.status == "FINISHED" and metric in r.metrics)
+
+    bpb = maxvio = speedup = None
+    if values(fast, M.VAL_BPB) and values(plain, M.VAL_BPB):
+        paired = seeds(fast, M.VAL_BPB) == seeds(plain, M.VAL_BPB)  # a seed's runs share data and init
+        bpb = judge_bpb(values(fast, M.VAL_BPB), values(plain, M.VAL_BPB), paired)
+        if not bpb.ok:
+            problems.append(f"val/bpb worse by {bpb.delta:+.3f} (p={bpb.p_value:.2g})")
+    if values(fast, M.MAXVIO_GLOBAL) and values(plain, M.MAXVIO_GLOBAL):
+        paired = seeds(fast, M.MAXVIO_GLOBAL) == seeds(plain, M.MAXVIO_GLOBAL)
+        maxvio = judge_maxvio(values(fast, M.MAXVIO_GLOBAL), values(plain, M.MAXVIO_GLOBAL), paired)
+        if not maxvio.ok:
+            problems.append(f"MaxVio differs by {maxvio.delta:+.2f} (p={maxvio.p_value:.2g})")
+    if values(fast, M.TOKENS_PER_S) and values(plain, M.TOKENS_PER_S):
+        speedup = float(np.mean(values(fast, M.TOKENS_PER_S)) / np.mean(values(plain, M.TOKENS_PER_S)))
+    return ArmVerdict(arm, not problems, problems, bpb, maxvio, speedup)
+
+
+def judge(runs: list[RunRecord]) -> list[ArmVerdict]:
+    """One verdict per arm of the grid: its ``speed=auto`` runs against its ``speed=plain`` ones."""
+    arms = sorted({r.arm.removesuffix(FAST).removesuffix(PLAIN).strip() for r in runs})
+    return [judge_arm(arm, [r for r in runs if r.arm == f"{arm} {FAST}"],
+                      [r for r in runs if r.arm == f"{arm} {PLAIN}"]) for arm in arms]  # fmt: skip
+
+
+def _cell(c: Comparison | None, fmt: str) -> tuple[str, str, str]:
+    if c is None:
+        return "-", "-", "-"
+    ms = lambda m, s: f"{m:{fmt}} ± {s:{fmt}}" if not math.isnan(s) else f"{m:{fmt}}"  # noqa: E731
+    return ms(*c.plain), ms(*c.fast), f"{c.delta:+{fmt}} (p={c.p_value:.2g})"
+
+
+def table(verdicts: list[ArmVerdict]) -> list[list[str]]:
+    rows = [["arm", "plain val/bpb", "fast val/bpb", "Δ bpb", "plain MaxVio", "fast MaxVio", "Δ MaxVio",
+             "fast/plain tok/s", "verdict"]]  # fmt: skip
+    for v in verdicts:
+        speedup = f"{v.speedup:.2f}x" if v.speedup else "-"
+        rows.append(
+            [v.arm, *_cell(v.bpb, ".3f"), *_cell(v.maxvio, ".2f"), speedup, "pass" if v.ok else "FAIL"]
+        )
+    return rows
+
+
+def latest_verdict() -> str:
+    """One line on the last gate run here (for ``bench.throughput``'s table)."""
+    if not LATEST.exists():
+        return "quality gate: not run here (python -m bench.quality)"
+    v = json.loads(LATEST.read_text())
+    same = "this tree" if v["tree"] == tracking.git_revision() else f"tree {v['tree']}, not this one"
+    failed = [a["arm"] for a in v["arms"] if not a["ok"]]
+    return (
+        f"quality gate: {'PASS' if v['pass'] else 'FAIL'} ({len(v['arms'])} arms"
+        + (f", failed: {', '.join(failed)}" if failed else "")
+        + f"; {same}, {v['date']})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=15, help="runs at once on the GPU")
+    parser.add_argument("--uri", default="sqlite:///quality_gate.db", help="the MLflow store of its runs")
+    args, overrides = parser.parse_known_args()
+    experiment = f"{GRID}_{datetime.now():%Y%m%d_%H%M%S}"  # a fresh one: finished runs are never reused
+    run_grid(
+        GRID, [*overrides, f"tracking.uri={args.uri}", f"tracking.experiment={experiment}"], jobs=args.jobs
+    )
+    verdicts = judge(load_runs(args.uri, [experiment]))
+    passed = bool(verdicts) and all(v.ok for v in verdicts)
+    rule = (f"fast fails where val/bpb is worse by > {BPB_FLOOR} at one-sided paired t p < {P_VALUE}, or by "
+            f"> {BPB_HARD}; or MaxVio differs by > max({MAXVIO_FLOOR}, {MAXVIO_REL} x plain) at "
+            f"p < {P_VALUE}, or by > {MAXVIO_HARD}x that; or a run failed or collapsed")  # fmt: skip
+    print_tables([(f"quality gate {experiment}: speed=auto (fast) against speed=plain", table(verdicts))],
+                 [f"{v.arm}: {p}" for v in verdicts for p in v.problems])  # fmt: skip
+    print(f"rule: {rule}")
+    print(f"quality gate: {'PASS' if passed else 'FAIL'}")
+    when = datetime.now().isoformat(timespec="seconds")
+    record = {"pass": passed, "tree": tracking.git_revision(), "date": when, "experiment": experiment,
+              "uri": args.uri, "overrides": overrides, "rule": rule,
+              "arms": [asdict(v) for v in verdicts]}  # fmt: skip
+    out = Path("reports") / GRID / experiment
+    out.mkdir(parents=True, exist_ok=True)
+    for path in (out / "verdict.json", LATEST):
+        path.write_text(json.dumps(record, indent=2))
+    print(f"verdict: {out / 'verdict.json'}")
+    sys.exit(0 if passed else 1)
+
+
+if __name__ == "__main__":
+    main()

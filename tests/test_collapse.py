@@ -1,0 +1,88 @@
+"""Routing collapse is detected, reported in one line, tagged on the run, and marked by compare;
+and the quality gate's rule fails a fast path that collapses or learns less."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from mlflow import MlflowClient
+
+import research.train as train_mod
+from bench import quality
+from research import metrics as M
+from research.compare import RunRecord, load_runs, summarise
+from research.grid import compose_run
+from tests.cli_helpers import TINY
+
+
+def _train_moe(tmp_path, monkeypatch, caplog, collapse: bool):
+    build = train_mod.build
+
+    def build_then_collapse(cfg):
+        data, module = build(cfg)
+        for m in module.model.moe_layers() if collapse else []:
+            m.router.bias[:2] = 100.0  # sigmoid affinities are below 1: experts 0 and 1 always win
+        return data, module
+
+    monkeypatch.setattr(train_mod, "build", build_then_collapse)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = compose_run([*TINY, "ffn=moe", "balance=none", "trainer.max_steps=6", f"tracking.uri={uri}"])
+    with caplog.at_level(logging.WARNING, logger="research.callbacks"):
+        result = train_mod.train(cfg, tmp_path / "run")
+    return uri, MlflowClient(uri).get_run(result.run_id).data.tags
+
+
+def test_a_collapsed_router_is_warned_about_tagged_and_marked_by_compare(tmp_path, shared_cache,
+                                                                        monkeypatch, caplog):  # fmt: skip
+    uri, tags = _train_moe(tmp_path, monkeypatch, caplog, collapse=True)
+    assert tags.get(M.MOE_COLLAPSED) == "true"
+    warnings = [r.getMessage() for r in caplog.records if "routing collapsed" in r.getMessage()]
+    assert warnings and "\n" not in warnings[0]
+    assert "blocks.1.ffn" in warnings[0] and "E/K-1=3" in warnings[0]  # tiny: 8 experts, top-2
+    runs = load_runs(uri, ["adhoc"])
+    assert [r.collapsed for r in runs] == [True]
+    assert summarise(runs, (M.VAL_BPB,), None)[0].collapsed == [0]
+
+
+def test_a_healthy_router_is_not_called_collapsed(tmp_path, shared_cache, monkeypatch, caplog):
+    _, tags = _train_moe(tmp_path, monkeypatch, caplog, collapse=False)
+    assert M.MOE_COLLAPSED not in tags
+    assert "routing collapsed" not in caplog.text
+
+
+def _runs(arm: str, bpb: list[float], maxvio: list[float], collapsed=False, status="FINISHED"):
+    return [
+        RunRecord(
+            f"{arm}{s}",
+            "gate",
+            arm,
+            s,
+            status,
+            "",
+            {M.VAL_BPB: b, M.MAXVIO_GLOBAL: v, M.TOKENS_PER_S: 1e5},
+            None,
+            collapsed,
+        )
+        for s, (b, v) in enumerate(zip(bpb, maxvio, strict=True))
+    ]
+
+
+PLAIN = _runs("a speed=plain", [1.52, 1.55, 1.58], [0.30, 0.40, 0.35])
+
+
+@pytest.mark.parametrize(("fast", "ok"), [
+    (_runs("a speed=auto", [1.53, 1.56, 1.54], [0.28, 0.45, 0.33]), True),  # within the seeds' spread
+    (_runs("a speed=auto", [1.51, 1.50, 1.49], [0.30, 0.36, 0.33]), True),  # better is never a failure
+    (_runs("a speed=auto", [4.61, 4.60, 4.62], [7.0, 7.0, 6.97], collapsed=True), False),  # the collapse
+    (_runs("a speed=auto", [1.60, 1.62, 1.66], [0.31, 0.36, 0.33]), False),  # worse beyond the spread
+    (_runs("a speed=auto", [1.56, 1.585, 1.615], [0.31, 0.36, 0.33]), False),  # worse, seed by seed
+    (_runs("a speed=auto", [1.53, 1.56, 1.54], [1.90, 2.10, 2.00]), False),  # balance lost
+    (_runs("a speed=auto", [1.53, 1.56, 1.54], [0.3, 0.4, 0.3], status="FAILED"), False),
+    ([], False),  # an arm that never ran
+])  # fmt: skip
+def test_the_gate_fails_a_fast_path_that_learns_less_or_routes_differently(fast, ok):
+    (verdict,) = quality.judge([*PLAIN, *fast])
+    assert verdict.arm == "a"
+    assert verdict.ok is ok, verdict.problems
+    assert bool(verdict.problems) is not ok
