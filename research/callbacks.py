@@ -159,42 +159,28 @@ class MoEMonitor(L.Callback):
     """MaxVio of the expert loads: per training batch (``moe/maxvio_batch``) and over the whole
     validation set (``moe/maxvio_global``), each the mean over MoE layers.
 
-    It also watches for routing collapse: a layer whose batch MaxVio sits at its ceiling E/K - 1
-    (every token sent to the same K experts) for ``patience`` logging steps in a row gets a one-line
-    warning naming it, and the run the tag ``moe.collapsed=true`` (``lab compare`` marks the arm).
-    Such a run's val/bpb answers a different question than its config asks."""
+    It also watches for routing collapse: a layer whose MaxVio over the validation set sits at its
+    ceiling E/K - 1 (every token sent to the same K experts) in ``patience`` evaluations in a row,
+    or in the run's last one, gets a one-line warning naming it, and the run the tag
+    ``moe.collapsed=true`` (``lab compare`` marks the arm). Evaluations, not training batches: early
+    in training a layer can sit at the ceiling for a hundred steps and recover as the aux-free bias
+    moves (seen on an H200 in runs that ended at MaxVio 0.3)."""
 
     global_loads: torch.Tensor | None = None  # [layers, experts] over the last validation
 
-    def __init__(self, patience: int = 3, near_ceiling: float = 0.95):
+    def __init__(self, patience: int = 2, near_ceiling: float = 0.95):
         self.patience, self.near_ceiling = patience, near_ceiling
-        self._at_ceiling: dict[str, int] = {}  # layer -> logging steps in a row at the ceiling
+        self._at_ceiling: dict[str, int] = {}  # layer -> evaluations in a row at the ceiling
         self.collapsed: list[str] = []  # the layers reported collapsed
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        layers = {name: m for name, m in pl_module.model.named_modules() if isinstance(m, MoE)}
-        if not layers or not on_log_step(trainer):  # MaxVio reads the loads on the host
-            return
-        maxvio = {name: max_violation(m.last_load) for name, m in layers.items()}
-        pl_module.log(M.MAXVIO_BATCH, sum(maxvio.values()) / len(maxvio))
-        for name, m in layers.items():
-            ceiling = m.router.n_experts / m.router.top_k - 1
-            at_ceiling = ceiling > 0 and maxvio[name] >= self.near_ceiling * ceiling
-            self._at_ceiling[name] = self._at_ceiling.get(name, 0) + 1 if at_ceiling else 0
-            if self._at_ceiling[name] == self.patience and name not in self.collapsed:
-                self._report_collapse(trainer, name, maxvio[name], ceiling, m.router.top_k)
+    @staticmethod
+    def _layers(pl_module: L.LightningModule) -> dict[str, MoE]:
+        return {name: m for name, m in pl_module.model.named_modules() if isinstance(m, MoE)}
 
-    def _report_collapse(self, trainer: L.Trainer, layer: str, maxvio: float, ceiling: float, k: int) -> None:
-        if not self.collapsed:
-            for logger in trainer.loggers:
-                if isinstance(logger, MLFlowLogger) and logger.run_id:
-                    logger.experiment.set_tag(logger.run_id, M.MOE_COLLAPSED, "true")
-        self.collapsed.append(layer)
-        log.warning(
-            f"routing collapsed in MoE layer {layer} at step {trainer.global_step}: MaxVio {maxvio:.2f} at "
-            f"its ceiling E/K-1={ceiling:g} for {self.patience} logging steps (every token goes to the "
-            f"same {k} experts); the run is tagged {M.MOE_COLLAPSED}=true"
-        )
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        layers = pl_module.model.moe_layers()
+        if layers and on_log_step(trainer):  # MaxVio reads the loads on the host
+            pl_module.log(M.MAXVIO_BATCH, sum(max_violation(m.last_load) for m in layers) / len(layers))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._loads = [torch.zeros_like(m.last_load) for m in pl_module.model.moe_layers()]
@@ -208,7 +194,29 @@ class MoEMonitor(L.Callback):
             return
         loads = [trainer.strategy.reduce(load, reduce_op="sum") for load in self._loads]
         self.global_loads = torch.stack(loads).cpu()  # [layers, experts], for load heatmaps
-        pl_module.log(M.MAXVIO_GLOBAL, sum(max_violation(load) for load in loads) / len(loads))
+        maxvio = [max_violation(load) for load in loads]
+        pl_module.log(M.MAXVIO_GLOBAL, sum(maxvio) / len(maxvio))
+        last = trainer.global_step >= trainer.max_steps  # the run's final evaluation
+        for (name, m), value in zip(self._layers(pl_module).items(), maxvio, strict=True):
+            ceiling = m.router.n_experts / m.router.top_k - 1
+            at_ceiling = ceiling > 0 and value >= self.near_ceiling * ceiling
+            self._at_ceiling[name] = self._at_ceiling.get(name, 0) + 1 if at_ceiling else 0
+            seen = self._at_ceiling[name]
+            if name not in self.collapsed and (seen >= self.patience or (last and seen)):
+                self._report_collapse(trainer, name, value, ceiling, m.router.top_k, seen)
+
+    def _report_collapse(self, trainer: L.Trainer, layer: str, maxvio: float, ceiling: float, k: int,
+                         evaluations: int) -> None:  # fmt: skip
+        if not self.collapsed:
+            for logger in trainer.loggers:
+                if isinstance(logger, MLFlowLogger) and logger.run_id:
+                    logger.experiment.set_tag(logger.run_id, M.MOE_COLLAPSED, "true")
+        self.collapsed.append(layer)
+        log.warning(
+            f"routing collapsed in MoE layer {layer} at step {trainer.global_step}: validation MaxVio "
+            f"{maxvio:.2f} at its ceiling E/K-1={ceiling:g} in {evaluations} evaluation(s) in a row (every "
+            f"token goes to the same {k} experts); the run is tagged {M.MOE_COLLAPSED}=true"
+        )
 
 
 class StaticMetrics(L.Callback):

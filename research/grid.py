@@ -80,7 +80,7 @@ class Job:
 def arms(cfg: DictConfig) -> dict[str, list[str]]:
     """Arm label -> its overrides: every combination of ``grid.params``, or named bundles
     (``grid.arms``), or with both, each bundle crossed with every combination."""
-    params = OmegaConf.to_container(cfg.grid.get("params") or {}, resolve=True)
+    params = OmegaConf.to_container(cfg.grid.params, resolve=True) if cfg.grid.get("params") else {}
     values = [v if isinstance(v, list) else [v] for v in params.values()]
     combos = [[f"{k}={v}" for k, v in zip(params, c, strict=True)] for c in itertools.product(*values)]
     combos = {" ".join(arm): arm for arm in combos}

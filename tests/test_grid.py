@@ -226,3 +226,13 @@ def test_every_shipped_grid_composes_and_each_arm_builds(name):
         # fp8_rowwise needs torchao and a GPU: its arm is checked with the default precision here.
         overrides = [o for o in job.overrides if o != "precision=fp8_rowwise"]
         assert precheck(overrides) is None, job.arm
+
+
+def test_named_arms_cross_with_params():
+    """grid.arms and grid.params together: every named arm with every combination (the gate's grid)."""
+    from research.grid import arms, compose_grid
+
+    got = arms(compose_grid("quality_gate", []))
+    assert len(got) == 5 * 2
+    assert got["mha dense speed=plain"] == ["attention=mha", "ffn=dense", "balance=none", "speed=plain"]
+    assert got["mla moe aux_free speed=auto"][-1] == "speed=auto"
