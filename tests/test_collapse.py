@@ -86,3 +86,17 @@ def test_the_gate_fails_a_fast_path_that_learns_less_or_routes_differently(fast,
     assert verdict.arm == "a"
     assert verdict.ok is ok, verdict.problems
     assert bool(verdict.problems) is not ok
+
+
+def test_gradient_parity_passes_a_sound_compiled_path_and_fails_a_broken_one(shared_cache, monkeypatch):
+    """The gate's seconds-long check: compiled blocks' gradients against eager on a real batch."""
+    tiny = ["model=tiny", "data.seq_len=32", "data.batch_size=4"]
+    (error,) = quality.gradient_parity(tiny, repeats=1)
+    assert error < quality.PARITY_MAX
+
+    def broken_backward(model, **options):  # a compiled path whose backward scales one gradient
+        model.blocks[0].attn_norm.weight.register_hook(lambda g: g * 1e3)
+
+    monkeypatch.setattr("research.speed.compile_blocks", broken_backward)
+    (error,) = quality.gradient_parity(tiny, repeats=1)
+    assert error > quality.PARITY_MAX
