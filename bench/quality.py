@@ -23,8 +23,8 @@ Before the grid, a check that takes seconds: the gradients of one real batch thr
 blocks (and the fused loss) against eager ones, ``--parity-repeats`` times on fresh copies of the
 grid's first arm; the gate fails where the worst relative error passes ``PARITY_MAX``. Rounding
 in bf16, and tokens near a routing tie that then pick another expert, give 5e-3 to 7e-2; the
-fault that made compiled MoE collapse gave 1e3 in about half the
-repetitions, and no training run is needed to see it.
+fault that made compiled MoE collapse gave 1e3 in about half the repetitions, and no training
+run is needed to see it.
 
 It prints one table, writes ``verdict.json`` (also ``reports/quality_gate/latest.json``, which
 ``bench.throughput`` prints beside its table) and exits 1 when any arm fails. A speed option
