@@ -1,8 +1,9 @@
 """Training throughput against the peers a researcher would otherwise pick: transformers'
 DeepseekV3ForCausalLM (the MoE pair) and LlamaForCausalLM (the dense pair), each built from the
-same config as ours, with the same number of weights, on one GPU.
+same config as ours, with the same number of weights, on one GPU; and torchtitan's DeepSeekV3 and
+Llama 3 of that shape, compiled as torchtitan compiles them (``bench.torchtitan_peers``).
 
-    python -m bench.throughput [--steps 20] [--pairs moe,dense] [--peers eager,compiled] [--layers]
+    python -m bench.throughput [--steps 20] [--pairs moe,dense] [--peers eager,compiled,torchtitan] [--layers]
     python -m bench.throughput --tiny --device cpu --steps 2   # a smoke run of the script itself
 
 Every arm trains the same way: bf16 autocast, AdamW with fp32 weights (fused), batch 8 x 2048, a few
@@ -37,6 +38,7 @@ import transformers
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench import torchtitan_peers
 from bench.quality import latest_verdict
 from bench.timing import time_ms
 from components.ffn import FFN
@@ -278,6 +280,9 @@ def run_pair(name: str, s: Shape, device: torch.device, steps: int, warmup: int,
         arms.append((ours_name, options, timing))
         del model, masters
     for mode in peer_modes:
+        if mode == "torchtitan":
+            arms += _torchtitan_arm(name, s, device, n_ours, batch, steps, warmup)
+            continue
         model = _fresh(peer, device)
         if mode == "compiled":
             model = torch.compile(model)
@@ -295,6 +300,26 @@ def run_pair(name: str, s: Shape, device: torch.device, steps: int, warmup: int,
         print(f"{model_name:<26}{mode:<52}{t.ms:>9.1f}{t.tokens_per_s:>11,.0f}{mfu:>7.1%}{t.peak_gib:>10.2f}"
               f"{t.reserved_gib:>10.2f}{t.first_loss:>9.4f}{t.last_loss:>10.4f}"
               f"{ours_tps / t.tokens_per_s:>10.2f}x")  # fmt: skip
+
+
+def _torchtitan_arm(pair: str, s: Shape, device: torch.device, n_ours: int, batch: torch.Tensor, steps: int,
+                   warmup: int) -> list[tuple[str, str, Timing]]:  # fmt: skip
+    """torchtitan's model of the pair, compiled as its trainer compiles it (bench.torchtitan_peers)."""
+    if reason := torchtitan_peers.missing(pair, device):
+        print(reason)
+        return []
+    torch.manual_seed(0)
+    model = torchtitan_peers.build(pair, s, device).to(device).train()
+    n = sum(p.numel() for p in model.parameters())
+    assert n == n_ours, f"{pair}: {n_ours:,} weights in ours, {n:,} in torchtitan's"
+    # Its apply_compile sets capture_scalar_outputs for the whole process: only for its own arm here.
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        torchtitan_peers.compile_as_torchtitan(pair, model)
+        timing = time_training(model, torchtitan_peers.loss, batch, steps, warmup)
+    del model
+    return [
+        (f"torchtitan {'DeepSeekV3' if pair == 'moe' else 'Llama 3'}", "compiled (its apply_compile)", timing)
+    ]
 
 
 def check_master_adamw(device: torch.device) -> None:
@@ -408,7 +433,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per arm (the median counts)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--pairs", default="moe,dense", help=f"comma-separated: {', '.join(PAIRS)}")
-    parser.add_argument("--peers", default="eager,compiled", help="eager, compiled, or none")
+    parser.add_argument("--peers", default="eager,compiled,torchtitan",
+                        help="eager, compiled (transformers'), torchtitan (its own), or none")  # fmt: skip
     parser.add_argument("--ours", default=DEFAULT_OURS,
                         help="comma-separated variants of ours: plain, or options joined by + "
                         f"({', '.join(OURS_OPTIONS)}); the last is compared with the peers")  # fmt: skip
@@ -418,7 +444,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     pairs, peers = args.pairs.split(","), [] if args.peers == "none" else args.peers.split(",")
-    for what, given, allowed in (("--pairs", pairs, PAIRS), ("--peers", peers, ("eager", "compiled"))):
+    for what, given, allowed in (
+        ("--pairs", pairs, PAIRS),
+        ("--peers", peers, ("eager", "compiled", "torchtitan")),
+    ):
         if unknown := set(given) - set(allowed):
             parser.error(f"unknown {what} {sorted(unknown)}; choose from {', '.join(allowed)}")
     device = torch.device(args.device)
