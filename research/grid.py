@@ -82,8 +82,8 @@ def arms(cfg: DictConfig) -> dict[str, list[str]]:
     (``grid.arms``), or with both, each bundle crossed with every combination."""
     params = OmegaConf.to_container(cfg.grid.params, resolve=True) if cfg.grid.get("params") else {}
     values = [v if isinstance(v, list) else [v] for v in params.values()]
-    combos = [[f"{k}={v}" for k, v in zip(params, c, strict=True)] for c in itertools.product(*values)]
-    combos = {" ".join(arm): arm for arm in combos}
+    overrides = ([f"{k}={v}" for k, v in zip(params, c, strict=True)] for c in itertools.product(*values))
+    combos = {" ".join(arm): arm for arm in overrides}
     if not cfg.grid.get("arms"):
         return combos
     bundles = OmegaConf.to_container(cfg.grid.arms, resolve=True)
