@@ -44,9 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from research import metrics as M
-from research import tracking
 from research.compare import RunRecord, load_runs
-from research.grid import run_grid
 from research.report import print_tables
 
 GRID = "quality_gate"
@@ -171,11 +169,17 @@ def table(verdicts: list[ArmVerdict]) -> list[list[str]]:
 
 
 def latest_verdict() -> str:
-    """One line on the last gate run here (for ``bench.throughput``'s table)."""
+    """One line on the last gate run here (for ``bench.throughput``'s table, which runs where only
+    the device image's packages are: no Hydra or MLflow, hence the guarded import)."""
     if not LATEST.exists():
         return "quality gate: not run here (python -m bench.quality)"
     v = json.loads(LATEST.read_text())
-    same = "this tree" if v["tree"] == tracking.git_revision() else f"tree {v['tree']}, not this one"
+    try:
+        from research.tracking import git_revision
+
+        same = "this tree" if v["tree"] == git_revision() else f"tree {v['tree']}, not this one"
+    except ImportError:  # its imports need omegaconf
+        same = f"tree {v['tree']}"
     failed = [a["arm"] for a in v["arms"] if not a["ok"]]
     return (
         f"quality gate: {'PASS' if v['pass'] else 'FAIL'} ({len(v['arms'])} arms"
@@ -220,6 +224,9 @@ def gradient_parity(overrides: list[str], repeats: int) -> list[float]:
 
 
 def main() -> None:
+    from research import tracking
+    from research.grid import run_grid
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=15, help="runs at once on the GPU")
     parser.add_argument("--uri", default="sqlite:///quality_gate.db", help="the MLflow store of its runs")
