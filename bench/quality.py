@@ -8,7 +8,7 @@ covering set of the axes once with ``speed=auto`` (compiled blocks, CUDA graphs,
 bf16 expert weights: what a GPU run gets by default) and once with ``speed=plain`` (all of them
 off), over several seeds. Then, arm by arm, the rule:
 
-- every run finished, and no ``speed=auto`` run collapsed its routing where ``speed=plain`` did not;
+- every run finished, and ``speed=auto`` collapsed its routing in no more seeds than ``speed=plain``;
 - val/bpb: the fast path fails when it is worse by more than ``BPB_FLOOR`` and a one-sided t-test
   says so at p < ``P_VALUE``, or when it is worse by more than ``BPB_HARD`` whatever the seeds
   say (three seeds give the test little power; a gap that large needs none);
@@ -117,8 +117,11 @@ def judge_arm(arm: str, fast: list[RunRecord], plain: list[RunRecord]) -> ArmVer
     if not fast or not plain:
         problems.append(f"no runs of {FAST if not fast else PLAIN}")
     fast_collapsed = [r.seed for r in fast if r.collapsed]
-    if fast_collapsed and not any(r.collapsed for r in plain):
-        problems.append(f"{FAST} routing collapsed (seeds {fast_collapsed}), {PLAIN} did not")
+    plain_collapsed = [r.seed for r in plain if r.collapsed]
+    if len(fast_collapsed) > len(plain_collapsed):
+        problems.append(
+            f"{FAST} routing collapsed in seeds {fast_collapsed}, {PLAIN} in {plain_collapsed or 'none'}"
+        )
 
     def values(runs: list[RunRecord], metric: str) -> list[float]:
         return [r.metrics[metric] for r in sorted(runs, key=lambda r: r.seed)

@@ -159,12 +159,16 @@ class MoEMonitor(L.Callback):
     """MaxVio of the expert loads: per training batch (``moe/maxvio_batch``) and over the whole
     validation set (``moe/maxvio_global``), each the mean over MoE layers.
 
-    It also watches for routing collapse: a layer whose MaxVio over the validation set sits at its
-    ceiling E/K - 1 (every token sent to the same K experts) in ``patience`` evaluations in a row,
-    or in the run's last one, gets a one-line warning naming it, and the run the tag
+    It also watches for routing collapse: a layer that sends every token to the same K experts
+    over the validation set (each of its K most used experts takes at least ``near_ceiling`` of the
+    tokens, and so sits at MaxVio's ceiling E/K - 1) in ``patience`` evaluations in a row, or in
+    the run's last one, gets a one-line warning naming it, and the run the tag
     ``moe.collapsed=true`` (``lab compare`` marks the arm). Evaluations, not training batches: early
     in training a layer can sit at the ceiling for a hundred steps and recover as the aux-free bias
-    moves (seen on an H200 in runs that ended at MaxVio 0.3)."""
+    moves (seen on an H200 in runs that ended at MaxVio 0.3). All K experts, not only the most used
+    one: without balancing, a layer often gives one expert every token and still routes its other
+    K - 1 slots (MaxVio at the ceiling, val/bpb as good as balanced runs, seen on an H200); that
+    layer still chooses, and is not called collapsed."""
 
     global_loads: torch.Tensor | None = None  # [layers, experts] over the last validation
 
@@ -197,13 +201,14 @@ class MoEMonitor(L.Callback):
         maxvio = [max_violation(load) for load in loads]
         pl_module.log(M.MAXVIO_GLOBAL, sum(maxvio) / len(maxvio))
         last = trainer.global_step >= trainer.max_steps  # the run's final evaluation
-        for (name, m), value in zip(self._layers(pl_module).items(), maxvio, strict=True):
-            ceiling = m.router.n_experts / m.router.top_k - 1
-            at_ceiling = ceiling > 0 and value >= self.near_ceiling * ceiling
+        for (name, m), load, value in zip(self._layers(pl_module).items(), loads, maxvio, strict=True):
+            E, K = m.router.n_experts, m.router.top_k
+            tokens = load.sum() / K
+            at_ceiling = E > K and tokens > 0 and load.topk(K).values[-1] >= self.near_ceiling * tokens
             self._at_ceiling[name] = self._at_ceiling.get(name, 0) + 1 if at_ceiling else 0
             seen = self._at_ceiling[name]
             if name not in self.collapsed and (seen >= self.patience or (last and seen)):
-                self._report_collapse(trainer, name, value, ceiling, m.router.top_k, seen)
+                self._report_collapse(trainer, name, value, E / K - 1, K, seen)
 
     def _report_collapse(self, trainer: L.Trainer, layer: str, maxvio: float, ceiling: float, k: int,
                          evaluations: int) -> None:  # fmt: skip
@@ -214,8 +219,8 @@ class MoEMonitor(L.Callback):
         self.collapsed.append(layer)
         log.warning(
             f"routing collapsed in MoE layer {layer} at step {trainer.global_step}: validation MaxVio "
-            f"{maxvio:.2f} at its ceiling E/K-1={ceiling:g} in {evaluations} evaluation(s) in a row (every "
-            f"token goes to the same {k} experts); the run is tagged {M.MOE_COLLAPSED}=true"
+            f"{maxvio:.2f} (ceiling E/K-1={ceiling:g}): every token went to the same {k} experts in "
+            f"{evaluations} evaluation(s) in a row; the run is tagged {M.MOE_COLLAPSED}=true"
         )
 
 
