@@ -91,10 +91,14 @@ DEEPSPEED_STATES = Path("checkpoint") / "mp_rank_00_model_states.pt"  # where De
 
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint's contents without its tensors' data (memory-mapped): a Lightning file, or a
-    DeepSpeed checkpoint folder (its model-states file carries Lightning's other keys)."""
+    DeepSpeed checkpoint folder (its model-states file carries Lightning's other keys).
+
+    ``weights_only``: tensors and plain containers only, never code. Unpickling anything else
+    can run what the file says (a planted checkpoint, or one a tag points at); ours hold no
+    objects, and ``train()`` has Lightning load them the same way."""
     path = Path(path)
     target = path / DEEPSPEED_STATES if path.is_dir() else path
-    ckpt = torch.load(target, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(ckpt, dict) or not ({"state_dict", "global_step"} & set(ckpt)):
         raise ValueError(f"{path} is not a Lightning checkpoint")
     return ckpt

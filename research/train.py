@@ -152,7 +152,7 @@ def train(
         default_root_dir=run_dir,
     )
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume.path if resume else None)
+        trainer.fit(module, datamodule=data, ckpt_path=resume.path if resume else None, weights_only=True)
         if trainer.global_step % t.val_every:  # finish on a measured model
             trainer.validate(module, datamodule=data, verbose=False)
             logger.finalize("success")

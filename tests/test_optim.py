@@ -122,7 +122,7 @@ def _fit(tmp_path, setting, max_steps: int, resume=None, checkpoint_at: int | No
     # 6 batches an epoch: a checkpoint at step 6 resumes at the start of the second
     tokens = torch.randint(0, 64, (12, 17), generator=torch.Generator().manual_seed(1))
     data = torch.utils.data.DataLoader(tokens, batch_size=2)
-    trainer.fit(module, data, ckpt_path=resume)
+    trainer.fit(module, data, ckpt_path=resume, weights_only=True)
     return module, losses.losses
 
 
@@ -133,7 +133,7 @@ def test_training_with_bf16_expert_weights_follows_fp32_weights_and_resumes_exac
     assert experts.w_gate_up.dtype == experts.w_down.dtype == torch.bfloat16
     torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=0)  # the same training, up to rounding
     # The checkpoint holds fp32 masters, as a plain run's would; resuming from it repeats the rest.
-    checkpoint = torch.load(tmp_path / "bf16" / "epoch=0-step=6.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "bf16" / "epoch=0-step=6.ckpt", weights_only=True)
     saved = checkpoint["state_dict"]["model.blocks.1.ffn.experts.w_down"]
     assert saved.dtype == torch.float32 and not torch.equal(saved, saved.bfloat16().float())
     _, resumed = _fit(tmp_path / "resumed", True, 12, resume=tmp_path / "bf16" / "epoch=0-step=6.ckpt")

@@ -177,3 +177,25 @@ def test_hydra_flags_are_split_from_overrides():
 
     flags, overrides = split_flags(["-m", "a=1", "--cfg", "job", "b=2", "--info", "defaults", "c=3"])
     assert flags == ["-m", "--cfg", "job", "--info", "defaults"] and overrides == ["a=1", "b=2", "c=3"]
+
+
+class _Payload:
+    """Unpickled, it would create the file named: what a planted checkpoint could run instead."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, shared_cache):
+    import torch
+
+    marker = tmp_path / "payload-ran"
+    planted = tmp_path / "planted.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "x": _Payload(str(marker))}, planted)
+    proc = lab(tmp_path, *TINY, f"resume={planted}")
+    assert error_line(proc).startswith(f"error: resume='{planted}' is not a readable checkpoint")
+    assert proc.returncode == 2 and not marker.exists()
+    assert runs(tmp_path) == []  # refused before any run was recorded
