@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from components.registry import require
+from research.redaction import redact
 
 
 def server_command(server: Any) -> list[str]:
@@ -33,6 +34,6 @@ def server_command(server: Any) -> list[str]:
 def serve(server: Any) -> None:
     """Replace this process with the server (Ctrl-C stops it)."""
     cmd = server_command(server)
-    print(f"MLflow server on http://{server.host}:{server.port} (runs in {server.backend}); "
+    print(f"MLflow server on http://{server.host}:{server.port} (runs in {redact(str(server.backend))}); "
           f"jobs log with tracking.uri=http://{server.host}:{server.port}", flush=True)  # fmt: skip
     os.execv(cmd[0], cmd)

@@ -31,6 +31,7 @@ from components.registry import require, spec_error
 from research import metrics as M
 from research import preemption, slurm
 from research.grid import REPO_ROOT, compose_run
+from research.redaction import redact
 from research.slurm_entry import SlurmEntry
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -322,7 +323,7 @@ def _parent_run(spec: SweepSpec, uri: str) -> str:
     run = client.create_run(
         exp_id, run_name=f"sweep {spec.name}", tags={"lab.kind": "sweep", "optuna.study": spec.name}
     )
-    client.log_param(run.info.run_id, "storage", spec.storage)
+    client.log_param(run.info.run_id, "storage", redact(spec.storage))
     return run.info.run_id
 
 
@@ -369,8 +370,8 @@ def run_sweep(spec: SweepSpec, workers: int = 1, wait: bool = True) -> optuna.St
     remaining = max(0, spec.n_trials - done)
     parent = _parent_run(spec, cfg.tracking.uri)
     out_dir = Path("sweeps_out") / spec.name
-    print(f"sweep '{spec.name}': {done} of {spec.n_trials} trials done, {remaining} to run on "
-          f"{workers} worker(s) (storage {spec.storage}, MLflow experiment {spec.experiment})")  # fmt: skip
+    print(f"sweep '{spec.name}': {done} of {spec.n_trials} trials done, {remaining} to run on {workers} "
+          f"worker(s) (storage {redact(spec.storage)}, MLflow experiment {spec.experiment})")  # fmt: skip
     quotas = [remaining // workers + (i < remaining % workers) for i in range(workers)]
     if slurm.launcher(cfg) == "slurm":
         if not _submit_workers(spec, cfg, quotas, parent, out_dir, wait):

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from research.errors import TrackingError
+from research.redaction import redact
 
 # Keys that change where or how a run is recorded, not what it computes.
 _NOT_HASHED = ("tracking", "cluster", "resume", "ablation", "grid", "trainer.progress_bar",
@@ -132,9 +133,9 @@ def make_logger(
     arm = grid.get("arm") or " ".join(o for o in overrides if o.split("=", 1)[0] not in ("seed", "ablations"))
     tags = {
         "ablation": cfg.ablation,
-        "arm": arm or "(defaults)",
+        "arm": redact(arm) or "(defaults)",
         "baseline": grid.get("baseline") or "",
-        "overrides": " ".join(overrides) or "(defaults)",
+        "overrides": redact(" ".join(overrides)) or "(defaults)",
         "swept_keys": ",".join(sorted(o.split("=", 1)[0].lstrip("+~") for o in overrides)),
         "config_hash": config_hash(cfg),
         "git_revision": git_revision(),
@@ -144,9 +145,10 @@ def make_logger(
     logger = OnceAStepLogger(experiment_name=t.experiment, run_name=t.get("run_name"), tracking_uri=t.uri,
                           tags=tags if run_id is None else None, run_id=run_id)  # fmt: skip
     if run_id is None:
-        logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        params = flatten(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams({k: redact(v) if isinstance(v, str) else v for k, v in params.items()})
         config_file = run_dir / "config.yaml"
-        config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        config_file.write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
         logger.experiment.log_artifact(logger.run_id, str(config_file))
     else:
         _reopen(logger.experiment, run_id, extra_tags or {})

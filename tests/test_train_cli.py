@@ -199,3 +199,33 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     assert error_line(proc).startswith(f"error: resume='{planted}' is not a readable checkpoint")
     assert proc.returncode == 2 and not marker.exists()
     assert runs(tmp_path) == []  # refused before any run was recorded
+
+
+def test_passwords_in_urls_are_never_recorded(tmp_path, shared_cache):
+    from mlflow import MlflowClient
+
+    secret = "tracking.server.backend=postgresql://lab:s3cret@db:5432/mlflow"
+    proc = lab(tmp_path, *TINY, secret, "hydra.run.dir=out/run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    assert run.data.params["tracking.server.backend"] == "postgresql://lab:***@db:5432/mlflow"
+    assert "s3cret" not in run.data.tags["overrides"] + run.data.tags["arm"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    recorded = (
+        tmp_path / client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    ).read_text()
+    assert "s3cret" not in recorded and "lab:***@db" in recorded
+    assert "s3cret" not in (tmp_path / "out" / "run" / "config.yaml").read_text()
+
+
+def test_redact_masks_only_the_password():
+    from research.redaction import redact
+
+    assert (
+        redact("postgresql+psycopg2://lab:lab@127.0.0.1:5432/mlflow")
+        == "postgresql+psycopg2://lab:***@127.0.0.1:5432/mlflow"
+    )
+    assert (
+        redact("http://h:5000 sqlite:///mlruns.db https://u@h")
+        == "http://h:5000 sqlite:///mlruns.db https://u@h"
+    )
