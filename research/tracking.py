@@ -106,6 +106,15 @@ class OnceAStepLogger(MLFlowLogger):
         super().__init__(*args, **kwargs)
         self._step: int | None = None
         self._sent: set[str] = set()  # metrics recorded at self._step
+        self._recorded: dict[str, int] = {}  # metric -> last step a resumed run had recorded
+
+    @rank_zero_only
+    def keep_recorded(self) -> None:
+        """A resumed run: the steps from its checkpoint to where it was killed were recorded
+        already, and are logged again by the resumed attempt. Keep the first record of each."""
+        client = self.experiment
+        for key in client.get_run(self.run_id).data.metrics:
+            self._recorded[key] = max(m.step for m in client.get_metric_history(self.run_id, key))
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -113,7 +122,7 @@ class OnceAStepLogger(MLFlowLogger):
             return super().log_metrics(metrics, step)
         if step != self._step:
             self._step, self._sent = step, set()
-        fresh = {k: v for k, v in metrics.items() if k not in self._sent}
+        fresh = {k: v for k, v in metrics.items() if k not in self._sent and step > self._recorded.get(k, -1)}
         self._sent.update(fresh)
         if fresh:
             super().log_metrics(fresh, step)
@@ -152,6 +161,7 @@ def make_logger(
         logger.experiment.log_artifact(logger.run_id, str(config_file))
     else:
         _reopen(logger.experiment, run_id, extra_tags or {})
+        logger.keep_recorded()
     return logger
 
 

@@ -108,6 +108,42 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes_into_one_run(tm
     assert "DUE TO JOB REQUEUE" in (tmp_path / job["run_dir"] / "slurm.err").read_text()
 
 
+def test_a_hard_requeue_resumes_from_the_last_checkpoint_and_records_each_step_once(tmp_path, shared_cache,
+                                                                                    slurm):  # fmt: skip
+    # `scontrol requeue` kills the job without the warning signal: the steps between the last
+    # checkpoint and the kill were recorded, and the resumed job trains them again.
+    write_grid(tmp_path, "shard", "params: {attention: [mha]}\nseeds: [0]")
+    steps = ["data.batch_size=4", "trainer.max_steps=600", "trainer.val_every=300", "trainer.log_every=10",
+             "trainer.checkpoint_every=100"]  # fmt: skip
+    proc = run_lab(tmp_path, "grid", "shard", *steps, "cluster=slurm_local")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (job,) = newest_record(tmp_path, "multirun", "shard")["jobs"]
+
+    def logged_after_a_checkpoint() -> bool:
+        started = grid_runs(tmp_path, "shard")
+        ckpt = tmp_path / job["run_dir"] / "checkpoints" / "last.ckpt"
+        return bool(
+            started and ckpt.exists() and len(history(tmp_path, started[0].info.run_id, M.TRAIN_LOSS)) > 13
+        )
+
+    deadline = time.monotonic() + 300
+    while not logged_after_a_checkpoint():
+        assert time.monotonic() < deadline, "the job logged no step past its first checkpoint in 5 minutes"
+        time.sleep(0.3)
+    subprocess.run(["scontrol", "requeue", job["job_id"]], check=True)
+    assert wait([job["job_id"]], poll_s=1.0) == {job["job_id"]: "COMPLETED"}
+
+    (run,) = grid_runs(tmp_path, "shard")
+    assert run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    for key in (M.TRAIN_LOSS, M.KV_CACHE_BYTES_PER_TOKEN, M.VAL_LOSS):
+        raw = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(raw) == sorted(set(raw)), f"{key} recorded twice at a step"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, M.TRAIN_LOSS)) == list(
+        range(9, 600, 10)
+    )
+
+
 def test_sweep_workers_run_as_slurm_jobs_on_one_journal_storage(tmp_path, shared_cache, slurm):
     write_sweep(tmp_path, "ssweep", sampler={"name": "random", "seed": 0}, budget={"n_trials": 4})
     journal = tmp_path / "shared" / "study.journal"
@@ -201,7 +237,7 @@ def test_a_hard_killed_grid_run_resumes_from_its_last_checkpoint_when_relaunched
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert run.data.tags["resumes"] == "1"
     logged = [step for step, _ in history(tmp_path, run.info.run_id, M.TRAIN_LOSS)]
-    assert sorted(set(logged)) == list(range(9, 400, 10))  # from the start to the end, none missing
+    assert logged == list(range(9, 400, 10))  # each step once, from the start to the end
 
 
 def test_ranks_take_disjoint_rows_that_make_up_the_one_process_batch():
