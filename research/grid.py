@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from components.registry import require, spec_error
-from research import tracking
+from research import ownership, tracking
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,19 +106,35 @@ def job_hash(job: Job) -> str:
     return tracking.config_hash(compose_run(job.overrides))
 
 
-def _previous_runs(uri: str, experiment: str) -> tuple[set[str], dict[str, Path]]:
-    """Config hashes that FINISHED, and the folders of runs that did not but left a checkpoint."""
+def _previous_runs(uri: str, experiment: str, root: Path) -> tuple[set[str], dict[str, Path]]:
+    """Config hashes that FINISHED, and the folders of runs that did not but left a checkpoint of
+    their config. Only folders under ``root`` (the grid's own output) are resumed from: a run's
+    ``run_dir`` tag is writable by anyone who can write to the store. An unfinished run with
+    nothing to resume from is closed as KILLED, so the relaunch's new run does not sit beside a
+    RUNNING one; a run whose folder's owner still trains it stops the relaunch."""
     from mlflow import MlflowClient
+
+    from research import preemption
 
     client = MlflowClient(tracking_uri=uri)
     exp_id = tracking.ensure_experiment(uri, experiment)  # create store + experiment before any job
+    root = root.resolve()
     finished, unfinished = set(), {}
     for r in client.search_runs([exp_id], max_results=50_000, order_by=["attributes.start_time ASC"]):
-        h, run_dir = r.data.tags.get("config_hash"), Path(r.data.tags.get("run_dir", "-"))
+        h, run_dir = r.data.tags.get("config_hash"), Path(r.data.tags.get("run_dir", "-")).resolve()
         if r.info.status == "FINISHED":
             finished.add(h)
-        elif any((run_dir / "checkpoints").glob("*.ckpt")):
+            continue
+        if not run_dir.is_relative_to(root):
+            continue
+        owner = ownership.owner_of(run_dir)
+        if owner is not None and owner.alive():
+            raise ownership.RunFolderBusy(ownership.busy_message(run_dir, owner))
+        if preemption.find_latest(run_dir, h) is not None:
             unfinished[h] = run_dir
+        elif r.info.status in ("RUNNING", "SCHEDULED"):
+            reason = "killed before a checkpoint it could resume from; the grid's relaunch runs it again"
+            tracking.close_abandoned(uri, r.info.run_id, reason)
     return finished, unfinished
 
 
@@ -134,8 +150,9 @@ def run_grid(
     if on_slurm:  # every run must fit the allocation: one device per task, every node
         overrides = [*overrides, *slurm.run_overrides(cfg.cluster)]
     grid_jobs = expand(name, cfg, overrides)
-    finished, unfinished = _previous_runs(cfg.tracking.uri, cfg.tracking.experiment)
-    grid_dir = Path("multirun") / cfg.ablation / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    root = Path("multirun") / cfg.ablation
+    finished, unfinished = _previous_runs(cfg.tracking.uri, cfg.tracking.experiment, root)
+    grid_dir = root / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     for job in grid_jobs:
         h = job_hash(job)
         job.status = "skipped" if h in finished else "pending"
@@ -161,11 +178,20 @@ def submit_run(cfg: DictConfig, overrides: list[str]) -> None:
     from research import slurm
     from research.data import tokenize_corpus
 
-    tokenize_corpus(cfg.data)
     overrides = [*overrides, *slurm.run_overrides(cfg.cluster)]
-    grid_dir = Path("multirun") / cfg.ablation / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    root = Path("multirun") / cfg.ablation
+    finished, unfinished = _previous_runs(cfg.tracking.uri, cfg.tracking.experiment, root)
     arm = " ".join(o for o in overrides if not o.startswith(("cluster", "trainer.", "seed="))) or "(defaults)"
+    grid_dir = root / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     job = Job(0, arm, int(cfg.seed), overrides, run_dir=grid_dir / "0")
+    h = job_hash(job)
+    if h in finished:
+        print(f"this config already FINISHED in experiment '{cfg.tracking.experiment}' (config_hash {h})")
+        return
+    job.run_dir = unfinished.get(h, job.run_dir)
+    if job.run_dir != grid_dir / "0":
+        print(f"resuming the unfinished run in {job.run_dir} from its checkpoint")
+    tokenize_corpus(cfg.data)
     _submit(cfg, cfg.ablation, [job], grid_dir, wait=False)
 
 

@@ -183,6 +183,21 @@ def log_expert_loads(logger: MLFlowLogger, loads: list[list[float]]) -> None:
     logger.experiment.log_dict(logger.run_id, {"loads": loads}, "expert_load.json")
 
 
+def close_abandoned(uri: str, run_id: str, reason: str) -> None:
+    """A run whose process died before it could be resumed (no checkpoint, or one cut short): it
+    would stay RUNNING forever beside the run that replaces it. Close it as KILLED, saying why."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        status = client.get_run(run_id).info.status
+    except Exception:
+        return  # another store, or deleted: nothing of ours to close
+    if status in ("RUNNING", "SCHEDULED"):
+        client.set_tag(run_id, "killed_reason", reason)
+        client.set_terminated(run_id, "KILLED")
+
+
 def mark_failed(logger: MLFlowLogger, reason: str) -> None:
     """End the run as FAILED with the reason as a tag (``failure_reason``)."""
     client = logger.experiment

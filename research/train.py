@@ -14,10 +14,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from components.registry import require
-from research import preemption, tracking
+from research import ownership, preemption, tracking
 from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor, StaticMetrics, StepCheckpoint
 from research.config import apply_precision_recipe, linear_factory, model_config, precision_of
 from research.data import LMDataModule
@@ -102,68 +103,74 @@ def train(
     config_hash = tracking.config_hash(cfg)
     latest = None if cfg.get("resume") else preemption.find_latest(run_dir, config_hash)
     resume = find_checkpoint(cfg.resume or str(latest)) if (cfg.get("resume") or latest) else None
-    run_dir.mkdir(parents=True, exist_ok=True)
     precision = precision_of(cfg)
     tracking.ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)  # a dead store fails here
-    torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls on GPUs that have it
-    data, module = build(cfg)
-    logger = tracking.make_logger(cfg, run_dir, overrides or [], resume.run_id if resume else None, tags)
+    with ownership.owned(run_dir, claim=rank_zero_only.rank == 0) as previous:  # other ranks: same folder
+        if previous is not None and previous.run_id and (resume is None or resume.run_id != previous.run_id):
+            reason = "killed before a checkpoint it could resume from; the folder's next attempt starts again"
+            tracking.close_abandoned(cfg.tracking.uri, previous.run_id, reason)
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls on GPUs that have it
+        data, module = build(cfg)
+        logger = tracking.make_logger(cfg, run_dir, overrides or [], resume.run_id if resume else None, tags)
+        if rank_zero_only.rank == 0:
+            ownership.record_run(run_dir, logger.run_id)
 
-    t = cfg.trainer
-    ckpt_dir = resume.path.parent if resume else run_dir / "checkpoints"
-    moe_monitor = MoEMonitor()
-    callbacks = [
-        *(callbacks or []),
-        StepCheckpoint(t.checkpoint_every, dirpath=ckpt_dir, save_last=True, save_top_k=0),
-        RecordRunId(logger.run_id, config_hash),
-        PerfMonitor(t.perf_warmup_steps, cfg.data.seq_len),
-        moe_monitor,
-        StaticMetrics(),
-        DivergenceGuard(math.gcd(t.log_every, t.checkpoint_every)),
-        LearningRateMonitor(logging_interval="step"),
-    ]
-    if t.progress_bar:
-        callbacks.append(RichProgressBar(refresh_rate=t.log_every))  # a refresh reads the loss: a GPU wait
-    if preemption.on_slurm():
-        callbacks.append(preemption.RequeueOnSignal(ckpt_dir, t.requeue_signal))
-    trainer = L.Trainer(
-        accelerator=t.accelerator,
-        strategy=make_strategy(t),
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        plugins=cluster_plugins(),
-        use_distributed_sampler=False,  # LMDataModule gives each rank its share itself
-        deterministic=deterministic(t),
-        precision=precision,
-        max_steps=t.max_steps,
-        val_check_interval=t.val_every,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        # Validation under no_grad, not inference_mode: compiled blocks replayed as CUDA graphs
-        # (trainer.cuda_graphs) have known failures with inference-mode tensors (pytorch#135892).
-        inference_mode=False,
-        log_every_n_steps=t.log_every,
-        gradient_clip_val=t.grad_clip,
-        accumulate_grad_batches=t.accumulate,
-        logger=logger,
-        callbacks=callbacks,
-        enable_progress_bar=t.progress_bar,
-        enable_model_summary=False,
-        default_root_dir=run_dir,
-    )
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume.path if resume else None, weights_only=True)
-        if trainer.global_step % t.val_every:  # finish on a measured model
-            trainer.validate(module, datamodule=data, verbose=False)
-            logger.finalize("success")
-        if moe_monitor.global_loads is not None:
-            tracking.log_expert_loads(logger, moe_monitor.global_loads.tolist())
-    except preemption.Requeued:
-        raise  # the run is SCHEDULED, not failed: it continues when the job starts again
-    except BaseException as e:
-        tracking.mark_failed(logger, f"{type(e).__name__}: {' '.join(str(e).split())}")
-        raise
-    return TrainResult(logger.run_id, {k: float(v) for k, v in trainer.callback_metrics.items()})
+        t = cfg.trainer
+        ckpt_dir = resume.path.parent if resume else run_dir / "checkpoints"
+        moe_monitor = MoEMonitor()
+        callbacks = [
+            *(callbacks or []),
+            StepCheckpoint(t.checkpoint_every, dirpath=ckpt_dir, save_last=True, save_top_k=0),
+            RecordRunId(logger.run_id, config_hash),
+            PerfMonitor(t.perf_warmup_steps, cfg.data.seq_len),
+            moe_monitor,
+            StaticMetrics(),
+            DivergenceGuard(math.gcd(t.log_every, t.checkpoint_every)),
+            LearningRateMonitor(logging_interval="step"),
+        ]
+        if t.progress_bar:
+            # A refresh reads the loss: a GPU wait, so only every log_every steps.
+            callbacks.append(RichProgressBar(refresh_rate=t.log_every))
+        if preemption.on_slurm():
+            callbacks.append(preemption.RequeueOnSignal(ckpt_dir, t.requeue_signal))
+        trainer = L.Trainer(
+            accelerator=t.accelerator,
+            strategy=make_strategy(t),
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            plugins=cluster_plugins(),
+            use_distributed_sampler=False,  # LMDataModule gives each rank its share itself
+            deterministic=deterministic(t),
+            precision=precision,
+            max_steps=t.max_steps,
+            val_check_interval=t.val_every,
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            # Validation under no_grad, not inference_mode: compiled blocks replayed as CUDA graphs
+            # (trainer.cuda_graphs) have known failures with inference-mode tensors (pytorch#135892).
+            inference_mode=False,
+            log_every_n_steps=t.log_every,
+            gradient_clip_val=t.grad_clip,
+            accumulate_grad_batches=t.accumulate,
+            logger=logger,
+            callbacks=callbacks,
+            enable_progress_bar=t.progress_bar,
+            enable_model_summary=False,
+            default_root_dir=run_dir,
+        )
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=resume.path if resume else None, weights_only=True)
+            if trainer.global_step % t.val_every:  # finish on a measured model
+                trainer.validate(module, datamodule=data, verbose=False)
+                logger.finalize("success")
+            if moe_monitor.global_loads is not None:
+                tracking.log_expert_loads(logger, moe_monitor.global_loads.tolist())
+        except preemption.Requeued:
+            raise  # the run is SCHEDULED, not failed: it continues when the job starts again
+        except BaseException as e:
+            tracking.mark_failed(logger, f"{type(e).__name__}: {' '.join(str(e).split())}")
+            raise
+        return TrainResult(logger.run_id, {k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 DETERMINISTIC = (False, True, "warn")

@@ -240,6 +240,39 @@ def test_a_hard_killed_grid_run_resumes_from_its_last_checkpoint_when_relaunched
     assert logged == list(range(9, 400, 10))  # each step once, from the start to the end
 
 
+def test_a_relaunch_refuses_a_run_in_training_and_replaces_one_killed_before_a_checkpoint(
+    tmp_path, shared_cache
+):
+    write_grid(tmp_path, "early", "params: {attention: [mha]}\nseeds: [0]")
+    long = ["trainer.max_steps=300", "trainer.checkpoint_every=1000", "trainer.val_every=300",
+            "trainer.log_every=10"]  # fmt: skip
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "research.cli", "grid", "early", *long], cwd=tmp_path,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not (grid_runs(tmp_path, "early") and history(tmp_path, grid_runs(tmp_path, "early")[0].info.run_id,
+                                                         M.TRAIN_LOSS)):  # fmt: skip
+        assert time.time() < deadline, "the run logged no step in 5 minutes"
+        time.sleep(0.5)
+    os.kill(first.pid, signal.SIGKILL)  # only the grid's parent: its run trains on
+    first.wait()
+    try:
+        busy = run_lab(tmp_path, "grid", "early", *long)
+        assert busy.returncode == 2 and "is being trained by pid" in error_line(busy)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # now the run too, before its first checkpoint
+    time.sleep(1)
+    (killed,) = grid_runs(tmp_path, "early")
+    assert killed.info.status == "RUNNING"  # nobody could mark it
+    again = run_lab(tmp_path, "grid", "early", *long)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    by_status = {r.info.status: r for r in grid_runs(tmp_path, "early")}
+    assert set(by_status) == {"KILLED", "FINISHED"}  # one run per config left RUNNING: none
+    assert by_status["KILLED"].info.run_id == killed.info.run_id
+    assert "killed before a checkpoint" in by_status["KILLED"].data.tags["killed_reason"]
+
+
 def test_ranks_take_disjoint_rows_that_make_up_the_one_process_batch():
     tokens = torch.arange(10_000).numpy()
     whole = next(iter(RandomWindows(tokens, 16, 8, seed=1, start_step=3)))

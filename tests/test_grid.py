@@ -236,3 +236,41 @@ def test_named_arms_cross_with_params():
     assert len(got) == 5 * 2
     assert got["mha dense speed=plain"] == ["attention=mha", "ffn=dense", "balance=none", "speed=plain"]
     assert got["mla moe aux_free speed=auto"][-1] == "speed=auto"
+
+
+def test_a_relaunch_resumes_only_from_folders_under_the_grids_own_output(tmp_path, monkeypatch):
+    import torch
+
+    from research.grid import _previous_runs
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("g")
+    inside, outside = tmp_path / "multirun" / "g" / "t" / "0", tmp_path / "elsewhere"
+    for folder, h in ((inside, "h-in"), (outside, "h-out")):
+        (folder / "checkpoints").mkdir(parents=True)
+        torch.save(
+            {"state_dict": {}, "global_step": 2, "config_hash": h}, folder / "checkpoints" / "last.ckpt"
+        )
+        client.create_run(exp, tags={"run_dir": str(folder), "config_hash": h})
+    _, unfinished = _previous_runs(uri, "g", tmp_path / "multirun" / "g")
+    assert unfinished == {"h-in": inside.resolve()}  # a tag pointing elsewhere is not followed
+
+
+def test_an_unfinished_run_with_nothing_to_resume_is_closed_as_killed(tmp_path, monkeypatch):
+    from research.grid import _previous_runs
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("g")
+    folder = tmp_path / "multirun" / "g" / "t" / "0"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"cut short by the kill")
+    run = client.create_run(exp, tags={"run_dir": str(folder), "config_hash": "h"})
+    assert _previous_runs(uri, "g", tmp_path / "multirun" / "g") == (set(), {})
+    closed = client.get_run(run.info.run_id)
+    assert (
+        closed.info.status == "KILLED" and "killed before a checkpoint" in closed.data.tags["killed_reason"]
+    )
