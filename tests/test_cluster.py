@@ -161,6 +161,14 @@ def test_sweep_workers_run_as_slurm_jobs_on_one_journal_storage(tmp_path, shared
     assert {r.data.tags["slurm.job_id"] for r in children} == job_ids  # both workers took trials
 
 
+def grid_in_background(cwd, name: str, overrides: list[str]) -> subprocess.Popen:
+    """``lab grid NAME`` in its own process group (os.killpg ends the grid and its runs)."""
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "research.cli", "grid", name, *overrides]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    return subprocess.Popen(args, cwd=cwd, env=env, start_new_session=True, **quiet)
+
+
 # --- without Slurm -----------------------------------------------------------------------------
 
 
@@ -218,10 +226,7 @@ def test_a_hard_killed_grid_run_resumes_from_its_last_checkpoint_when_relaunched
     write_grid(tmp_path, "killed", "params: {attention: [mha]}\nseeds: [0]")
     long = ["trainer.max_steps=400", "trainer.checkpoint_every=20", "trainer.val_every=200",
             "trainer.log_every=10"]  # fmt: skip
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "research.cli", "grid", "killed", *long], cwd=tmp_path,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)  # fmt: skip
+    first = grid_in_background(tmp_path, "killed", long)
     deadline = time.time() + 300
     while not list(tmp_path.glob("multirun/killed/*/0/checkpoints/last.ckpt")) and time.time() < deadline:
         time.sleep(0.5)
@@ -246,10 +251,7 @@ def test_a_relaunch_refuses_a_run_in_training_and_replaces_one_killed_before_a_c
     write_grid(tmp_path, "early", "params: {attention: [mha]}\nseeds: [0]")
     long = ["trainer.max_steps=300", "trainer.checkpoint_every=1000", "trainer.val_every=300",
             "trainer.log_every=10"]  # fmt: skip
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "research.cli", "grid", "early", *long], cwd=tmp_path,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)  # fmt: skip
+    first = grid_in_background(tmp_path, "early", long)
     deadline = time.time() + 300
     while not (grid_runs(tmp_path, "early") and history(tmp_path, grid_runs(tmp_path, "early")[0].info.run_id,
                                                          M.TRAIN_LOSS)):  # fmt: skip
