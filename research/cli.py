@@ -81,23 +81,31 @@ def precheck(overrides: list[str]) -> str | None:
 def checked_config(overrides: list[str]) -> DictConfig:
     """Compose the config (first value of any sweep) and build the model on the meta device, so a
     typo or an impossible spec fails before Hydra starts any job."""
+    from research.grid import compose_run
+
+    cfg = compose_run(first_job(overrides))
+    check(cfg)
+    return cfg
+
+
+def check(cfg: DictConfig) -> None:
+    """What can fail about a composed config, checked without data or a device."""
     import torch
 
     from research.config import model_config, precision_of
-    from research.grid import compose_run
     from research.model import Transformer
+    from research.ranges import check_ranges
     from research.slurm import launcher
     from research.strategies import make_strategy
     from research.train import deterministic
 
-    cfg = compose_run(first_job(overrides))
+    check_ranges(cfg)
     precision_of(cfg)
     make_strategy(cfg.trainer)
     deterministic(cfg.trainer)
     launcher(cfg)
     with torch.device("meta"):
         Transformer(model_config(cfg, vocab_size=256))
-    return cfg
 
 
 # Hydra's flags that take a value as the next word.
@@ -137,7 +145,11 @@ def _train(rest: list[str]) -> None:
     from research.slurm import launcher
 
     flags, overrides = split_flags(rest)
-    if not any(f.split("=")[0] in INSPECT_FLAGS for f in flags):
+    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
+    inspecting = any(f.split("=")[0] in INSPECT_FLAGS for f in flags)
+    if resume and not inspecting and not any(f in ("-m", "--multirun") for f in flags):
+        return _resume(resume, overrides)
+    if not inspecting:
         try:
             cfg = checked_config(overrides)
         except Exception as e:
@@ -152,6 +164,25 @@ def _train(rest: list[str]) -> None:
     # argv[0] stays the real program: Lightning's DDP launcher re-runs it for the other ranks.
     sys.argv = [sys.argv[0], *flags, *overrides, searchpath_override()]
     train_app()
+
+
+def _resume(resume: str, overrides: list[str]) -> None:
+    """``lab train resume=RUN``: the run's own config continues in its own folder (no Hydra job:
+    composing the defaults would train another model into the run)."""
+    from research.train import resumed_config, run_folder_of, train
+
+    try:
+        cfg = resumed_config(resume, overrides)
+        check(cfg)
+    except Exception as e:
+        fail_if(one_line(e))
+    try:
+        train(cfg, run_folder_of(resume), overrides)
+    except USER_ERRORS as e:
+        fail_if(one_line(e))
+    except TrainingDiverged as e:
+        print(f"run failed: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _grid(rest: list[str]) -> None:
@@ -174,22 +205,27 @@ def _grid(rest: list[str]) -> None:
         return
     try:
         cfg = grid.compose_grid(args.name, overrides)
-        first = grid.expand(args.name, cfg, overrides)[0]
+        jobs = grid.expand(args.name, cfg, overrides)
     except Exception as e:
         fail_if(one_line(e))
-    fail_if(precheck(first.overrides))
+    for job in {job.arm: job for job in reversed(jobs)}.values():  # every arm, before any starts
+        problem = precheck(job.overrides)
+        fail_if(f"arm '{job.arm}': {problem}" if problem else None)
     gpus = args.gpus.split(",") if args.gpus else None
     try:
         from research.slurm import launcher
 
         local = launcher(cfg) == "local"
-        grid.run_grid(args.name, overrides, jobs=args.jobs, gpus=gpus, wait=args.wait)
+        failed = grid.run_grid(args.name, overrides, jobs=args.jobs, gpus=gpus, wait=args.wait)
         if local or args.wait:
             from research.compare import compare
 
             compare([cfg.ablation], uri=cfg.tracking.uri)
     except USER_ERRORS as e:
         fail_if(one_line(e))
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _compare(rest: list[str]) -> None:

@@ -313,7 +313,12 @@ class LMDataModule(L.LightningDataModule):
 
     def prepare(self) -> TokenizedCorpus:
         if self.corpus is None:
-            self.corpus = tokenize_corpus(self.cfg)
+            corpus = tokenize_corpus(self.cfg)
+            # Checked here, before a run is recorded, rather than when fit builds the loaders.
+            shortest = min(len(corpus.tokens["train"]) - 2, len(corpus.tokens["val"]) - 1)
+            require(self.cfg.seq_len <= shortest, "data.seq_len", self.cfg.seq_len,
+                    f"at most {shortest} (the train and validation splits' tokens)")  # fmt: skip
+            self.corpus = corpus
         return self.corpus
 
     def prepare_data(self) -> None:

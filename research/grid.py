@@ -140,9 +140,10 @@ def _previous_runs(uri: str, experiment: str, root: Path) -> tuple[set[str], dic
 
 def run_grid(
     name: str, overrides: list[str], jobs: int = 1, gpus: list[str] | None = None, wait: bool = True
-) -> Path:
-    """Launch a grid; return its folder (one sub-folder per run with its log and checkpoints).
-    On Slurm, ``wait=False`` returns once the job array is submitted."""
+) -> list[str]:
+    """Launch a grid (its folder: one sub-folder per run with its log and checkpoints); return the
+    runs that failed, as "ARM seed=N". On Slurm, ``wait=False`` returns once the job array is
+    submitted."""
     from research import slurm
 
     cfg = compose_grid(name, overrides)
@@ -166,10 +167,8 @@ def run_grid(
     print(f"grid '{name}': {len(grid_jobs)} runs, {len(grid_jobs) - len(todo)} already finished, "
           f"{resumed} resuming from a checkpoint -> {grid_dir}")  # fmt: skip
     if on_slurm:
-        _submit(cfg, name, todo, grid_dir, wait)
-    else:
-        _run_locally(name, cfg, todo, grid_dir, jobs, gpus)
-    return grid_dir
+        return _submit(cfg, name, todo, grid_dir, wait)
+    return _run_locally(name, cfg, todo, grid_dir, jobs, gpus)
 
 
 def submit_run(cfg: DictConfig, overrides: list[str]) -> None:
@@ -195,12 +194,12 @@ def submit_run(cfg: DictConfig, overrides: list[str]) -> None:
     _submit(cfg, cfg.ablation, [job], grid_dir, wait=False)
 
 
-def _submit(cfg: DictConfig, name: str, todo: list[Job], grid_dir: Path, wait: bool) -> None:
+def _submit(cfg: DictConfig, name: str, todo: list[Job], grid_dir: Path, wait: bool) -> list[str]:
     from research import slurm
     from research.slurm_entry import SlurmEntry
 
     if not todo:
-        return
+        return []
     grid_dir.mkdir(parents=True, exist_ok=True)
     executor = slurm.make_executor(cfg.cluster, grid_dir / "slurm", f"lab-{cfg.ablation}",
                                    cfg.trainer.requeue_signal)  # fmt: skip
@@ -218,15 +217,17 @@ def _submit(cfg: DictConfig, name: str, todo: list[Job], grid_dir: Path, wait: b
     print(f"submitted job array {array[0].job_id.split('_')[0]} ({len(todo)} runs, "
           f"{cfg.cluster.array_parallelism} at a time) on '{cfg.cluster.name}'; record {record}; "
           f"see `lab status {cfg.ablation}`")  # fmt: skip
-    if wait:
-        states = slurm.wait([s.job_id for s in submitted])
-        for s in submitted:
-            if states.get(s.job_id) != "COMPLETED":
-                print(f"failed: {s.label}: Slurm state {states.get(s.job_id)} (log: {s.log})")
+    if not wait:
+        return []
+    states = slurm.wait([s.job_id for s in submitted])
+    failed = [s for s in submitted if states.get(s.job_id) != "COMPLETED"]
+    for s in failed:
+        print(f"failed: {s.label}: Slurm state {states.get(s.job_id)} (log: {s.log})")
+    return [s.label for s in failed]
 
 
 def _run_locally(name: str, cfg: DictConfig, todo: list[Job], grid_dir: Path, jobs: int,
-                 gpus: list[str] | None) -> None:  # fmt: skip
+                 gpus: list[str] | None) -> list[str]:  # fmt: skip
     slots = gpus or [None] * max(1, jobs)
     threads = max(1, (os.cpu_count() or 1) // len(slots))
     running: dict[int, tuple[subprocess.Popen, Job]] = {}  # slot -> (process, job)
@@ -244,19 +245,18 @@ def _run_locally(name: str, cfg: DictConfig, todo: list[Job], grid_dir: Path, jo
                     proc.log_file.close()
                     job.status = "done" if proc.returncode == 0 else "failed"
                     if proc.returncode != 0:
-                        _close_orphan_run(
-                            cfg.tracking.uri, cfg.tracking.experiment, job.run_dir, proc.returncode
-                        )
+                        _record_failure(cfg, job, proc.returncode)
                     del running[slot]
                     progress.advance(task)
             done = sum(j.status == "done" for j in todo)
             failed = sum(j.status == "failed" for j in todo)
             progress.update(task, counts=f"done {done}  failed {failed}  left {len(queue) + len(running)}")
             time.sleep(0.2)
-    for job in todo:
-        if job.status == "failed":
-            log = job.run_dir / "log.txt"
-            print(f"failed: {job.arm} seed={job.seed}: {_last_error(log)} (log: {log})")
+    failed = [job for job in todo if job.status == "failed"]
+    for job in failed:
+        log = job.run_dir / "log.txt"
+        print(f"failed: {job.arm} seed={job.seed}: {_last_error(log)} (log: {log})")
+    return [f"{job.arm} seed={job.seed}" for job in failed]
 
 
 def _launch(job: Job, gpu: str | None, threads: int) -> subprocess.Popen:
@@ -282,13 +282,26 @@ def _last_error(log: Path) -> str:
     return (flagged or lines or ["no output"])[-1]
 
 
-def _close_orphan_run(uri: str, experiment: str, job_dir: Path, returncode: int) -> None:
-    """A run killed hard (signal, OOM) cannot mark itself FAILED: do it for it."""
+def _record_failure(cfg: DictConfig, job: Job, returncode: int) -> None:
+    """A run that exited non-zero: one killed hard (signal, OOM) cannot mark itself FAILED, so do
+    it for it; one that failed before its MLflow run existed gets a FAILED run with the reason, so
+    the comparison lists it instead of leaving its arm silently short."""
     from mlflow import MlflowClient
 
+    uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    query = f"attributes.status = 'RUNNING' and tags.run_dir = '{job_dir.resolve()}'"
-    for run in client.search_runs([exp.experiment_id], query) if exp else []:
-        client.set_tag(run.info.run_id, "failure_reason", f"process exited with code {returncode}")
-        client.set_terminated(run.info.run_id, "FAILED")
+    exp_id = tracking.ensure_experiment(uri, experiment)
+    query = f"tags.run_dir = '{job.run_dir.resolve()}'"
+    runs = client.search_runs([exp_id], query)
+    for run in runs:
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "failure_reason", f"process exited with code {returncode}")
+            client.set_terminated(run.info.run_id, "FAILED")
+    if runs:
+        return
+    reason = _last_error(job.run_dir / "log.txt")
+    tags = {"ablation": cfg.ablation, "arm": job.arm, "baseline": cfg.grid.get("baseline") or "",
+            "run_dir": str(job.run_dir.resolve()), "failure_reason": reason}  # fmt: skip
+    run = client.create_run(exp_id, run_name=f"{job.arm} seed={job.seed}", tags=tags)
+    client.log_param(run.info.run_id, "seed", job.seed)
+    client.set_terminated(run.info.run_id, "FAILED")

@@ -79,6 +79,7 @@ class RequeueOnSignal(L.Callback):
                 if run_id:
                     client.set_tag(run_id, "requeued_at_step", str(trainer.global_step))
                     client.update_run(run_id, status="SCHEDULED")
+                    logger.requeued = True  # no later "failed" from Lightning's interrupt handling
             job = os.environ["SLURM_JOB_ID"]
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             if done.returncode != 0:

@@ -26,6 +26,8 @@ def server_command(server: Any) -> list[str]:
            "--artifacts-destination", str(Path(server.artifacts).expanduser().resolve()),
            "--host", str(server.host), "--port", str(port),
            "--workers", str(int(server.workers))]  # fmt: skip
+    if server.get("app_name"):
+        cmd += ["--app-name", str(server.app_name)]
     if server.get("allowed_hosts"):
         cmd += ["--allowed-hosts", str(server.allowed_hosts)]
     return cmd

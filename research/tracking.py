@@ -38,10 +38,15 @@ def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of everything that determines what a run computes (seed included)."""
+def hashed_items(cfg: DictConfig) -> dict[str, Any]:
+    """The flattened keys that determine what a run computes (seed included)."""
     flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    kept = {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in _NOT_HASHED)}
+    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in _NOT_HASHED)}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of everything that determines what a run computes."""
+    kept = hashed_items(cfg)
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -116,6 +121,15 @@ class OnceAStepLogger(MLFlowLogger):
         for key in client.get_run(self.run_id).data.metrics:
             self._recorded[key] = max(m.step for m in client.get_metric_history(self.run_id, key))
 
+    requeued = False  # set when Slurm requeued the job: the run waits as SCHEDULED
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        # Requeued is raised inside fit, and Lightning's interrupt handling then finalizes the
+        # run as failed; it is waiting for its next job, as RequeueOnSignal marked it.
+        if not (self.requeued and status == "failed"):
+            super().finalize(status)
+
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if step is None:
@@ -156,19 +170,27 @@ def make_logger(
     if run_id is None:
         params = flatten(OmegaConf.to_container(cfg, resolve=True))
         logger.log_hyperparams({k: redact(v) if isinstance(v, str) else v for k, v in params.items()})
-        config_file = run_dir / "config.yaml"
-        config_file.write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
-        logger.experiment.log_artifact(logger.run_id, str(config_file))
+        _record_config(logger, cfg, run_dir)
     else:
-        _reopen(logger.experiment, run_id, extra_tags or {})
+        _reopen(logger.experiment, run_id, {**(extra_tags or {}), "config_hash": tags["config_hash"]})
+        _record_config(logger, cfg, run_dir)  # as it continues: a resume may have extended it
         logger.keep_recorded()
     return logger
 
 
 @rank_zero_only
+def _record_config(logger: MLFlowLogger, cfg: DictConfig, run_dir: Path) -> None:
+    """``config.yaml`` in the run folder and as the run's artifact (passwords masked)."""
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
+    logger.experiment.log_artifact(logger.run_id, str(config_file))
+
+
+@rank_zero_only
 def _reopen(client: Any, run_id: str, extra_tags: dict[str, str]) -> None:
     """A resumed run: RUNNING again, its resumes counted, an earlier failure reason dropped, and
-    where it runs now (e.g. a new Slurm job) tagged."""
+    where it runs now (e.g. a new Slurm job) and its config hash now (it may have been extended)
+    tagged."""
     tags = client.get_run(run_id).data.tags
     for key, value in extra_tags.items():
         client.set_tag(run_id, key, value)

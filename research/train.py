@@ -23,6 +23,7 @@ from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor, StaticM
 from research.config import apply_precision_recipe, linear_factory, model_config, precision_of
 from research.data import LMDataModule
 from research.module import LitLM
+from research.ranges import check_ranges
 from research.strategies import cluster_plugins, make_strategy
 
 
@@ -51,6 +52,72 @@ def find_checkpoint(resume: str) -> Resume:
             f"resume='{resume}' is not a readable checkpoint: {' '.join(str(e).split())[:200]}"
         ) from e
     return Resume(path, ckpt.get("mlflow_run_id"))
+
+
+# Keys a resume may change: they extend a run, not what its steps compute.
+EXTENDS_A_RUN = ("trainer.max_steps",)
+
+
+def run_folder_of(resume: str) -> Path:
+    """The run folder ``resume`` names: itself, or the one holding ``checkpoints/FILE``."""
+    path = Path(resume).expanduser()
+    is_checkpoint = path.is_file() or (path / preemption.DEEPSPEED_STATES).exists()
+    return path.parent.parent if is_checkpoint else path
+
+
+def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
+    """``lab train resume=RUN [KEY=VALUE ...]``: the run's own config (``config.yaml`` in its
+    folder), the overrides on top. An override that would change what the run computes (its
+    config hash) is refused, except those that only extend it (``EXTENDS_A_RUN``); so is a
+    checkpoint written by another config than the folder's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    folder = run_folder_of(resume)
+    config_file = folder / "config.yaml"
+    if not config_file.exists():
+        raise CheckpointError(f"resume='{resume}': no config.yaml in {folder} (a run folder holds one)")
+    cfg = OmegaConf.load(config_file)
+    before = tracking.hashed_items(cfg)
+    ckpt = find_checkpoint(resume)
+    recorded = preemption.read_checkpoint(ckpt.path).get("config_hash")
+    if recorded is not None and recorded != tracking.config_hash(cfg):
+        raise CheckpointError(f"resume='{resume}': {ckpt.path.name} was written by another config than "
+                              f"{config_file} (config_hash {recorded})")  # fmt: skip
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.get_key_element().lstrip("+")
+        if key.startswith("hydra") or key == "resume":
+            continue
+        OmegaConf.update(cfg, key, o.value(), force_add=True)
+    cfg.resume = str(ckpt.path)
+    after = tracking.hashed_items(cfg)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed := [k for k in changed if k not in EXTENDS_A_RUN]:
+        key = changed[0]
+        new = after.get(key, "(removed)")
+        raise CheckpointError(f"resume='{resume}': {key}={new!r} would change what the run computes "
+                              f"(it has {before.get(key)!r}); a resume may change only "
+                              f"{', '.join(EXTENDS_A_RUN)}")  # fmt: skip
+    _unmask_tracking(cfg, overrides, resume, config_file)
+    return cfg
+
+
+def _unmask_tracking(cfg: DictConfig, overrides: list[str], resume: str, config_file: Path) -> None:
+    """``config.yaml`` holds URLs with their passwords masked: take each from the config as
+    composed now (the defaults and the command line's tracking keys) where it is the same URL."""
+    from research.grid import compose_run
+    from research.redaction import redact
+
+    recorded = tracking.flatten(OmegaConf.to_container(cfg.tracking))
+    masked = [k for k, v in recorded.items() if ":***@" in str(v)]
+    if not masked:
+        return
+    given = [o for o in overrides if o.lstrip("+").startswith("tracking.")]
+    now = tracking.flatten(OmegaConf.to_container(compose_run(given).tracking, resolve=True))
+    for key in masked:
+        if redact(str(now.get(key))) != recorded[key]:
+            raise CheckpointError(f"resume='{resume}': tracking.{key} has its password masked in "
+                                  f"{config_file}; give it again: tracking.{key}=URL")  # fmt: skip
+        OmegaConf.update(cfg, f"tracking.{key}", now[key])
 
 
 class RecordRunId(L.Callback):
@@ -100,6 +167,7 @@ def train(
 
     Without ``resume``, a checkpoint of this same config already in ``run_dir`` (a requeued Slurm
     job, a grid re-launched after a hard kill) is resumed into its MLflow run."""
+    check_ranges(cfg)  # a grid job or sweep trial arrives here without the CLI's pre-check
     config_hash = tracking.config_hash(cfg)
     latest = None if cfg.get("resume") else preemption.find_latest(run_dir, config_hash)
     resume = find_checkpoint(cfg.resume or str(latest)) if (cfg.get("resume") or latest) else None

@@ -142,7 +142,8 @@ def test_failed_arm_is_recorded_reported_and_rerun_while_finished_arms_are_skipp
     write_grid(tmp_path, "gfail", "arms: {plain: [], gqa: [attention=gqa], diverges: [model.init_std=1e30]}\n"
                                   "seeds: [0]\nbaseline: plain")  # fmt: skip
     first = run_lab(tmp_path, "grid", "gfail")
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 1, first.stderr[-3000:]  # scripts and CI can tell
+    assert "error: 1 run(s) failed: diverges seed=0" in first.stderr
     recorded = {r.data.tags["arm"]: r for r in finished_runs(tmp_path, "gfail")}
     assert recorded["plain"].info.status == recorded["gqa"].info.status == "FINISHED"
     assert recorded["diverges"].info.status == "FAILED"
@@ -158,6 +159,30 @@ def test_failed_arm_is_recorded_reported_and_rerun_while_finished_arms_are_skipp
     assert "3 runs, 2 already finished" in again.stdout
     arms = [r.data.tags["arm"] for r in finished_runs(tmp_path, "gfail")]
     assert sorted(arms) == ["diverges", "diverges", "gqa", "plain"]  # only the failed arm ran again
+
+
+def test_every_arm_is_checked_before_any_starts_and_one_failing_at_start_is_recorded(tmp_path, shared_cache):
+    write_grid(tmp_path, "gbadp", "params: {attention: [mha, foo]}")
+    proc = run_lab(tmp_path, "grid", "gbadp")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: arm 'attention=foo': " in proc.stderr and "attention=foo" in proc.stderr
+    write_grid(
+        tmp_path,
+        "gbad",
+        "arms: {plain: [attention=gqa], bad: [attention=gqa, model.n_kv_heads=3]}\nseeds: [0]",
+    )
+    proc = run_lab(tmp_path, "grid", "gbad")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: arm 'bad': " in proc.stderr and "n_kv_heads" in proc.stderr
+    assert runs(tmp_path, "gbad") == []  # the good first arm did not train either
+
+    write_grid(tmp_path, "glate", "arms: {plain: [], long: [data.seq_len=10000000]}\nseeds: [0]")
+    proc = run_lab(tmp_path, "grid", "glate")  # the corpus's size is known only once it is read
+    assert proc.returncode == 1
+    recorded = {r.data.tags["arm"]: r for r in finished_runs(tmp_path, "glate")}
+    assert recorded["plain"].info.status == "FINISHED" and recorded["long"].info.status == "FAILED"
+    assert "data.seq_len=10000000 is not allowed" in recorded["long"].data.tags["failure_reason"]
+    assert "long" in proc.stdout and "FAILED" in proc.stdout  # in the comparison, not missing from it
 
 
 def test_parallel_runs_share_one_sqlite_store_and_lose_nothing(tmp_path, shared_cache):
@@ -195,7 +220,9 @@ def test_welch_interval():
 
 
 def test_a_run_killed_hard_is_closed_as_failed(tmp_path):
-    from research.grid import _close_orphan_run
+    from omegaconf import OmegaConf
+
+    from research.grid import Job, _record_failure
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -204,7 +231,10 @@ def test_a_run_killed_hard_is_closed_as_failed(tmp_path):
     job_dir.mkdir(parents=True)
     orphan = client.create_run(exp, tags={"run_dir": str(job_dir.resolve())})
     neighbour = client.create_run(exp, tags={"run_dir": str(tmp_path / "multirun" / "1")})
-    _close_orphan_run(uri, "killed", job_dir, -9)
+    cfg = OmegaConf.create(
+        {"tracking": {"uri": uri, "experiment": "killed"}, "ablation": "killed", "grid": {}}
+    )
+    _record_failure(cfg, Job(0, "a", 0, run_dir=job_dir), -9)
     closed = client.get_run(orphan.info.run_id)
     assert (
         closed.info.status == "FAILED" and closed.data.tags["failure_reason"] == "process exited with code -9"

@@ -85,3 +85,21 @@ def test_a_step_checkpoint_comes_after_its_step_is_recorded_once(tmp_path):
     trainer.fit(LitLM(tiny_config(), OPTIM, torch.ones(64)), data)
     assert recorded_at_save[5] == [4]  # step 5's checkpoint: the step logged as 4 already recorded
     assert [m.step for m in client.get_metric_history(logger.run_id, M.TRAIN_LOSS)] == [4, 9]  # once each
+
+
+def test_a_requeued_run_waits_as_scheduled_not_failed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setattr(preemption, "_requested", False)
+    done = subprocess.CompletedProcess([], 0, "", "")
+    monkeypatch.setattr(preemption.subprocess, "run", lambda *a, **k: done)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    logger = OnceAStepLogger(experiment_name="requeue", tracking_uri=client.tracking_uri)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=20, log_every_n_steps=5, logger=logger, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[SignalAt(3), preemption.RequeueOnSignal(tmp_path, "USR2")],
+    )  # fmt: skip
+    data = torch.utils.data.DataLoader(torch.randint(0, 64, (40, 9)), batch_size=2)
+    with pytest.raises(preemption.Requeued):
+        trainer.fit(LitLM(tiny_config(), OPTIM, torch.ones(64)), data)
+    assert client.get_run(logger.run_id).info.status == "SCHEDULED"  # what the README promises

@@ -75,7 +75,8 @@ def test_resume_continues_the_same_run_with_identical_losses(tmp_path, shared_ca
     part = lab(tmp_path, *TINY, "trainer.max_steps=4", "optim.total_steps=8", "tracking.run_name=part",
                "hydra.run.dir=out/part")  # fmt: skip
     assert full.returncode == 0 and part.returncode == 0, part.stderr[-3000:]
-    resumed = lab(tmp_path, *TINY, "trainer.max_steps=8", "resume=out/part", "hydra.run.dir=out/resumed")
+    # The README's form: the run's own config (model=tiny, ...) comes from its folder, not the defaults.
+    resumed = lab(tmp_path, "resume=out/part", "trainer.max_steps=8")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     by_name = {r.info.run_name: r for r in runs(tmp_path)}
     assert set(by_name) == {"full", "part"}  # the resume wrote into the interrupted run, not a new one
@@ -229,3 +230,33 @@ def test_redact_masks_only_the_password():
         redact("http://h:5000 sqlite:///mlruns.db https://u@h")
         == "http://h:5000 sqlite:///mlruns.db https://u@h"
     )
+
+
+def test_a_resume_that_would_change_the_run_is_refused_before_the_run_is_reopened(tmp_path, shared_cache):
+    assert lab(tmp_path, *TINY, "hydra.run.dir=out/run").returncode == 0
+    (before,) = runs(tmp_path)
+    proc = lab(tmp_path, "resume=out/run", "model.n_layers=3")
+    assert error_line(proc) == (
+        "error: resume='out/run': model.n_layers=3 would change what the run computes (it has 2); "
+        "a resume may change only trainer.max_steps"
+    )
+    assert "would change what the run computes" in error_line(
+        lab(tmp_path, "resume=out/run", "attention=mla")
+    )
+    config = tmp_path / "out" / "run" / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 0", "seed: 5"))  # not what the checkpoint trained
+    assert "was written by another config than" in error_line(
+        lab(tmp_path, "resume=out/run/checkpoints/last.ckpt")
+    )
+    (after,) = runs(tmp_path)
+    assert after.info.status == before.info.status == "FINISHED" and "failure_reason" not in after.data.tags
+
+
+def test_the_server_puts_mlflows_login_app_in_front_only_when_asked():
+    from research.grid import compose_run
+    from research.server import server_command
+
+    plain = server_command(compose_run([]).tracking.server)
+    assert "--app-name" not in plain and plain[plain.index("--host") + 1] == "127.0.0.1"
+    guarded = server_command(compose_run(["tracking.server.app_name=basic-auth"]).tracking.server)
+    assert guarded[guarded.index("--app-name") + 1] == "basic-auth"

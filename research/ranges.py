@@ -1,0 +1,60 @@
+"""The numeric keys of a run's config: their types and ranges, checked before anything is
+recorded, so ``trainer.max_steps=abc`` or ``optim.lr=-1`` is one line naming the key, not a
+traceback from inside the trainer (light: no torch import)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from components.registry import spec_error
+
+# key -> (type, low, high, whether low itself is allowed; high always is). ``int`` keys take no fractions.
+RANGES: dict[str, tuple[type, float, float, bool]] = {
+    "seed": (int, 0, 2**32 - 1, True),
+    "trainer.max_steps": (int, 1, math.inf, True),
+    "trainer.val_every": (int, 1, math.inf, True),
+    "trainer.log_every": (int, 1, math.inf, True),
+    "trainer.checkpoint_every": (int, 1, math.inf, True),
+    "trainer.perf_warmup_steps": (int, 0, math.inf, True),
+    "trainer.accumulate": (int, 1, math.inf, True),
+    "trainer.num_nodes": (int, 1, math.inf, True),
+    "trainer.grad_clip": (float, 0, math.inf, True),
+    "optim.lr": (float, 0, math.inf, False),
+    "optim.eps": (float, 0, math.inf, False),
+    "optim.weight_decay": (float, 0, math.inf, True),
+    "optim.warmup_steps": (int, 0, math.inf, True),
+    "optim.total_steps": (int, 1, math.inf, True),
+    "optim.min_lr_ratio": (float, 0, 1, True),
+    "data.seq_len": (int, 2, math.inf, True),
+    "data.batch_size": (int, 1, math.inf, True),
+    "data.val_tokens": (int, 1, math.inf, True),
+    "data.val_fraction": (float, 0, 1, False),
+    "data.test_fraction": (float, 0, 1, True),
+    "data.bpe_vocab_size": (int, 257, math.inf, True),
+}
+
+
+def _allowed(kind: type, low: float, high: float, inclusive: bool) -> str:
+    what = "an integer" if kind is int else "a number"
+    if high == math.inf:
+        return f"{what} {'>=' if inclusive else '>'} {low:g}"
+    return f"{what} in {'[' if inclusive else '('}{low:g}, {high:g}]"
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Raise a one-line ValueError for the first numeric key out of its type or range."""
+    for key, (kind, low, high, inclusive) in RANGES.items():
+        value: Any = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue  # not set by this config (e.g. a data source without a tokenizer size)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = number and (kind is float or float(value).is_integer()) and math.isfinite(value)
+        ok = ok and (value >= low if inclusive else value > low) and value <= high
+        if not ok:
+            raise spec_error(key, value, _allowed(kind, low, high, inclusive))
+    for betas in [OmegaConf.select(cfg, "optim.betas", default=None)]:
+        if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+            raise spec_error("optim.betas", list(betas), "two numbers in [0, 1)")
