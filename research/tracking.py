@@ -86,7 +86,8 @@ def ensure_experiment(uri: str, name: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    with _fail_fast_http():
+    local = uri.startswith("sqlite:///")
+    with _fail_fast_http(), _store_lock(uri):
         try:
             client = MlflowClient(tracking_uri=uri)
             exp = client.get_experiment_by_name(name)
@@ -98,7 +99,24 @@ def ensure_experiment(uri: str, name: str) -> str:
                 return client.get_experiment_by_name(name).experiment_id
         except Exception as e:
             reason = " ".join(str(e).split())[:300]
-            raise TrackingError(f"tracking.uri='{uri}' is unreachable: {reason}") from e
+            problem = "could not be opened" if local else "is unreachable"
+            raise TrackingError(f"tracking.uri='{redact(uri)}' {problem}: {reason}") from e
+
+
+@contextmanager
+def _store_lock(uri: str):
+    """Several runs started at once into a SQLite store that does not exist yet all create its
+    tables, and MLflow's migrations race ("duplicate column name"): the first creates, under a
+    file lock beside the database, while the others wait."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(uri.removeprefix("sqlite:///")).expanduser()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=600):
+        yield
 
 
 class OnceAStepLogger(MLFlowLogger):

@@ -260,3 +260,18 @@ def test_the_server_puts_mlflows_login_app_in_front_only_when_asked():
     assert "--app-name" not in plain and plain[plain.index("--host") + 1] == "127.0.0.1"
     guarded = server_command(compose_run(["tracking.server.app_name=basic-auth"]).tracking.server)
     assert guarded[guarded.index("--app-name") + 1] == "basic-auth"
+
+
+def test_runs_started_at_once_into_a_store_that_does_not_exist_yet_all_record(tmp_path, shared_cache):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "LAB_CACHE_DIR": str(shared_cache)}
+    args = [sys.executable, "-m", "research.cli", "train", *TINY, "trainer.max_steps=2"]
+    pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+    procs = [subprocess.Popen([*args, f"seed={i}", f"hydra.run.dir=out/{i}"], cwd=tmp_path, env=env, **pipes)
+             for i in range(4)]  # fmt: skip
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e[-500:] for e in errors]
+    assert sorted(r.data.params["seed"] for r in runs(tmp_path)) == ["0", "1", "2", "3"]
