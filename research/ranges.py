@@ -41,7 +41,8 @@ def _allowed(kind: type, low: float, high: float, inclusive: bool) -> str:
     what = "an integer" if kind is int else "a number"
     if high == math.inf:
         return f"{what} {'>=' if inclusive else '>'} {low:g}"
-    return f"{what} in {'[' if inclusive else '('}{low:g}, {high:g}]"
+    shown = str(int(high)) if kind is int else f"{high:g}"
+    return f"{what} in {'[' if inclusive else '('}{low:g}, {shown}]"
 
 
 def check_ranges(cfg: DictConfig) -> None:

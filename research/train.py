@@ -72,13 +72,13 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
     checkpoint written by another config than the folder's."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    ckpt = find_checkpoint(resume)
     folder = run_folder_of(resume)
     config_file = folder / "config.yaml"
     if not config_file.exists():
         raise CheckpointError(f"resume='{resume}': no config.yaml in {folder} (a run folder holds one)")
     cfg = OmegaConf.load(config_file)
     before = tracking.hashed_items(cfg)
-    ckpt = find_checkpoint(resume)
     recorded = preemption.read_checkpoint(ckpt.path).get("config_hash")
     if recorded is not None and recorded != tracking.config_hash(cfg):
         raise CheckpointError(f"resume='{resume}': {ckpt.path.name} was written by another config than "
@@ -87,15 +87,21 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
         key = o.get_key_element().lstrip("+")
         if key.startswith("hydra") or key == "resume":
             continue
+        node = OmegaConf.select(cfg, key)
+        if isinstance(node, DictConfig) and node.get("name") == o.value():
+            continue  # a config group named as it already is (attention=mla on an MLA run)
         OmegaConf.update(cfg, key, o.value(), force_add=True)
     cfg.resume = str(ckpt.path)
     after = tracking.hashed_items(cfg)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     if changed := [k for k in changed if k not in EXTENDS_A_RUN]:
         key = changed[0]
-        new = after.get(key, "(removed)")
+        new, had = (
+            after.get(key, "(removed)"),
+            before.get(key, before.get(f"{key}.name")),
+        )  # a group: its name
         raise CheckpointError(f"resume='{resume}': {key}={new!r} would change what the run computes "
-                              f"(it has {before.get(key)!r}); a resume may change only "
+                              f"(it has {had!r}); a resume may change only "
                               f"{', '.join(EXTENDS_A_RUN)}")  # fmt: skip
     _unmask_tracking(cfg, overrides, resume, config_file)
     return cfg

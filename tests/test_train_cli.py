@@ -241,7 +241,7 @@ def test_a_resume_that_would_change_the_run_is_refused_before_the_run_is_reopene
         "a resume may change only trainer.max_steps"
     )
     assert "would change what the run computes" in error_line(
-        lab(tmp_path, "resume=out/run", "attention=mla")
+        lab(tmp_path, "resume=out/run", "attention=gqa")
     )
     config = tmp_path / "out" / "run" / "config.yaml"
     config.write_text(config.read_text().replace("seed: 0", "seed: 5"))  # not what the checkpoint trained
