@@ -273,12 +273,20 @@ def _sweep(rest: list[str]) -> None:
         spec = sweep.load_spec(args.name, overrides, args.trials, args.storage)
     except Exception as e:
         fail_if(one_line(e))
-    fail_if(precheck(spec.overrides))
+    for corner in sweep.corner_overrides(spec.space):  # every space key, before the study exists
+        problem = precheck([*spec.overrides, *corner])
+        fail_if(f"sweep '{args.name}' space: {problem}" if problem else None)
     fail_if(None if args.workers >= 1 else f"--workers={args.workers} is not allowed; allowed: 1 or more")
     try:
-        sweep.run_sweep(spec, workers=args.workers, wait=args.wait)
+        study = sweep.run_sweep(spec, workers=args.workers, wait=args.wait)
+        waited = args.wait or sweep.slurm.launcher(sweep.compose_run(spec.overrides)) == "local"
     except USER_ERRORS as e:
         fail_if(one_line(e))
+    states = [t.state.name for t in study.trials]
+    if waited and "COMPLETE" not in states:
+        print(f"error: no trial of study '{spec.name}' completed ({states.count('FAIL')} failed); "
+              f"see the report's failures", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
 
 
 def _status(rest: list[str]) -> None:

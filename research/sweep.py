@@ -219,6 +219,17 @@ def sample(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def corner_overrides(space: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Overrides that set every key of the space at once, at each end of its range (each choice of
+    a categorical in turn): composing them before the study exists catches a key no config has
+    (``balance.gamm``), where every trial would otherwise fail."""
+    ends = {
+        k: s["choices"] if s["type"] == "categorical" else [s["low"], s["high"]] for k, s in space.items()
+    }
+    widest = max(len(v) for v in ends.values())
+    return [[f"{k}={v[min(i, len(v) - 1)]}" for k, v in ends.items()] for i in range(widest)]
+
+
 class ReportToTrial(L.Callback):
     """Reports the monitored metric to the trial after every evaluation, at the training step, and
     prunes. (optuna-integration's Lightning callback reports per epoch; our runs evaluate every N

@@ -147,6 +147,12 @@ BAD = {
         dict(objectives=[*BPB, {"metric": "perf/tokens_per_s", "direction": "maximize"}],
              pruner={"name": "median"}),
         "error: pruner.name='median' is not allowed; allowed: none (Optuna prunes single-objective"),
+    "key_no_config_has": (dict(space={"balance.gamm": {"type": "float", "low": 0.001, "high": 0.01}},
+                               budget={"n_trials": 2}),
+                          "error: sweep 'key_no_config_has' space: Could not override 'balance.gamm'"),
+    "value_out_of_range": (dict(space={"optim.lr": {"type": "float", "low": -1.0, "high": 0.01}},
+                                budget={"n_trials": 2}),
+                           "error: sweep 'value_out_of_range' space: optim.lr=-1.0 is not allowed"),
 }  # fmt: skip
 
 
@@ -159,3 +165,10 @@ def test_bad_search_space_fails_in_one_line_before_any_trial(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
     assert not (tmp_path / "optuna.db").exists()
+
+
+def test_a_sweep_where_no_trial_completed_exits_non_zero(tmp_path, shared_cache):
+    write_sweep(tmp_path, "allfail", budget={"n_trials": 2}, overrides=[*TINY, "data.seq_len=10000000"])
+    proc = run_lab(tmp_path, "sweep", "allfail")  # passes the pre-check: the corpus's size is read later
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: no trial of study 'allfail' completed (2 failed)" in proc.stderr
