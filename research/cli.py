@@ -240,12 +240,21 @@ def _compare(rest: list[str]) -> None:
     parser.add_argument("--baseline", help="the arm deltas are measured against (default: the grid's)")
     parser.add_argument("--uri", default="sqlite:///mlruns.db", help="MLflow tracking URI")
     parser.add_argument("--out", type=Path, help="report folder (default: reports/NAME/TIMESTAMP)")
+    parser.add_argument("--all-configs", action="store_true",
+                        help="also runs of other configs than the newest, as arms of their own")  # fmt: skip
     args = parser.parse_args(rest)
     bad = [w for w in args.where if "=" not in w]
     fail_if(f"--where {bad[0]!r} is not KEY=VALUE" if bad else None)
     where = dict(w.split("=", 1) for w in args.where)
     try:
-        compare(args.names, uri=args.uri, where=where, baseline=args.baseline, out=args.out)
+        compare(
+            args.names,
+            uri=args.uri,
+            where=where,
+            baseline=args.baseline,
+            out=args.out,
+            all_configs=args.all_configs,
+        )
     except USER_ERRORS as e:
         fail_if(one_line(e))
 

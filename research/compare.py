@@ -62,6 +62,9 @@ class RunRecord:
     metrics: dict[str, float]
     baseline: str | None = None
     collapsed: bool = False  # tagged moe.collapsed: its routing collapsed (research.callbacks.MoEMonitor)
+    base: str = ""  # tag grid.base: the launch's config without its arms ("" before it was recorded)
+    started: int = 0  # start time, ms
+    params: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,7 +111,8 @@ def load_runs(uri: str, experiments: list[str], where: dict[str, str] | None = N
                 continue
             if where and any(run.data.params.get(k) != str(v) for k, v in where.items()):
                 continue
-            key = (name, run.data.tags.get("arm", "(defaults)"), int(run.data.params.get("seed", 0)))
+            key = (name, run.data.tags.get("arm", "(defaults)"), int(run.data.params.get("seed", 0)),
+                   run.data.tags.get("grid.base", ""))  # fmt: skip
             prev = latest.get(key)
             if prev is None or run.info.status == "FINISHED" or prev.info.status != "FINISHED":
                 latest[key] = run
@@ -123,9 +127,82 @@ def load_runs(uri: str, experiments: list[str], where: dict[str, str] | None = N
             dict(run.data.metrics),
             run.data.tags.get("baseline"),
             run.data.tags.get(M.MOE_COLLAPSED) == "true",
+            base,
+            run.info.start_time or 0,
+            dict(run.data.params),
         )
-        for (exp_name, arm, seed), run in latest.items()
+        for (exp_name, arm, seed, base), run in latest.items()
     ]
+
+
+# Params that say where or how a run was recorded, or which arm and seed it is: never a reason
+# two launches of a grid differ.
+_BOOKKEEPING = ("seed", "grid.", "tracking.", "cluster.", "resume", "ablation", "trainer.progress_bar",
+                "data.cache_dir", "trainer.requeue_signal")  # fmt: skip
+
+
+def like_with_like(runs: list[RunRecord], all_configs: bool = False) -> tuple[list[RunRecord], list[str]]:
+    """Runs of one experiment launched with different configs beside their arms (another corpus,
+    other steps) never share a table: keep the newest launch's config, and say what the others
+    differ in; ``all_configs`` keeps every config, each as arms of its own ("ARM [cfg HASH]")."""
+    kept, notes = [], []
+    for exp in dict.fromkeys(r.experiment for r in runs):
+        groups: dict[str, list[RunRecord]] = {}
+        for r in (r for r in runs if r.experiment == exp):
+            groups.setdefault(r.base, []).append(r)
+        if len(groups) == 1:
+            kept += next(iter(groups.values()))
+            continue
+        newest = max(groups, key=lambda b: max(r.started for r in groups[b]))
+        for base, group in groups.items():
+            if all_configs:
+                for r in group:
+                    r.arm = f"{r.arm} [cfg {base[:6] or 'old'}]"
+                kept += group
+            elif base == newest:
+                kept += group
+            else:
+                why = _difference(group, groups[newest])
+                notes.append(
+                    f"{exp}: {len(group)} run(s) of another config left out ({why}); --all-configs shows them"
+                )
+    return kept, notes
+
+
+def _difference(other: list[RunRecord], newest: list[RunRecord]) -> str:
+    """The first keys (not the arm's) in which a run of ``other`` differs from one of the same arm."""
+    by_arm = {r.arm: r for r in newest}
+    a = next((r for r in other if r.arm in by_arm), other[0])
+    b = by_arm.get(a.arm, newest[0])
+    keys = sorted(k for k in a.params.keys() | b.params.keys()
+                  if not k.startswith(_BOOKKEEPING) and a.params.get(k) != b.params.get(k))  # fmt: skip
+    if not keys:
+        return "launched with other overrides"
+    shown = ", ".join(f"{k}={a.params.get(k)!r} there, {b.params.get(k)!r} here" for k in keys[:3])
+    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def what_it_compares(runs: list[RunRecord]) -> str:
+    """One line: the corpus, tokenizer, steps, tokens, preset, precision and seeds of the runs."""
+
+    def values(*keys: str) -> str:
+        found = {" ".join(str(r.params.get(k)) for k in keys if r.params.get(k) not in (None, "None", ""))
+                 for r in runs}  # fmt: skip
+        return "/".join(sorted(v for v in found if v)) or "?"
+
+    tokens = set()
+    for r in runs:
+        try:
+            p = r.params
+            tokens.add(int(p["trainer.max_steps"]) * int(p["data.batch_size"]) * int(p["data.seq_len"])
+                       * int(p.get("trainer.accumulate", 1)))  # fmt: skip
+        except (KeyError, ValueError):
+            continue
+    seeds = ",".join(str(s) for s in sorted({r.seed for r in runs}))
+    return (f"compares: corpus {values('data.source', 'data.path', 'data.name')}, tokenizer "
+            f"{values('data.tokenizer')}, {values('trainer.max_steps')} steps "
+            f"({'/'.join(f'{t:,}' for t in sorted(tokens)) or '?'} tokens), model {values('model.name')}, "
+            f"precision {values('precision.name')}, seeds {seeds}")  # fmt: skip
 
 
 def welch(a: list[float], b: list[float]) -> Delta:
@@ -347,13 +424,15 @@ class Report:
 
 def compare(experiments: list[str], uri: str = "sqlite:///mlruns.db", where: dict[str, str] | None = None,
             baseline: str | None = None, metrics: tuple[str, ...] = DEFAULT_METRICS, out: Path | None = None,
-            log_to_mlflow: bool = True, show: bool = True) -> Report:  # fmt: skip
+            log_to_mlflow: bool = True, show: bool = True, all_configs: bool = False) -> Report:  # fmt: skip
     """Compare the runs of ``experiments``; write the report folder; return the aggregates."""
     runs = load_runs(uri, experiments, where)
     if not runs:
         raise ValueError(
             f"compare: no runs in {', '.join(experiments)}" + (f" matching {where}" if where else "")
         )
+    runs, notes = like_with_like(runs, all_configs)
+    notes.append(what_it_compares(runs))
     baseline = (
         baseline or next((r.baseline for r in runs if r.baseline), None) or sorted({r.arm for r in runs})[0]
     )
@@ -376,11 +455,12 @@ def compare(experiments: list[str], uri: str = "sqlite:///mlruns.db", where: dic
     plots += [p for p in (plot_pareto(summaries, out / "pareto.png"),
                           plot_expert_loads(uri, runs, out / "expert_load.png")) if p]  # fmt: skip
     tables_ = [("Mean ± std over seeds", means), ("Delta vs baseline (95% CI, Welch t-test)", deltas)]
-    write_report(out, title, tables_, failures, plots)
+    write_report(out, title, tables_, failures, plots, notes)
     export(out, runs, summaries)
     if show:
         captions = (f"{title}: mean ± std over seeds", "delta vs baseline [95% CI] Welch p")
         print_tables(list(zip(captions, (means, deltas), strict=True)), failures)
+        print("\n".join(notes))
         print(f"report: {out}/report.html")
     if log_to_mlflow:
         _log_report(uri, experiments[0], out, title)

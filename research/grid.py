@@ -94,10 +94,12 @@ def arms(cfg: DictConfig) -> dict[str, list[str]]:
 def expand(name: str, cfg: DictConfig, overrides: list[str]) -> list[Job]:
     """Every arm times every seed; the command line's overrides apply to all of them, last."""
     seeds = list(cfg.grid.get("seeds") or [cfg.seed])
+    base = tracking.config_hash(cfg)  # the launch's config without any arm: what its arms share
     jobs = []
     for label, arm in arms(cfg).items():
         for seed in seeds:
-            job_overrides = [f"ablations={name}", *arm, f"seed={seed}", f"++grid.arm='{label}'", *overrides]
+            job_overrides = [f"ablations={name}", *arm, f"seed={seed}", f"++grid.arm='{label}'",
+                             f"++grid.base={base}", *overrides]  # fmt: skip
             jobs.append(Job(len(jobs), label, int(seed), job_overrides))
     return jobs
 

@@ -54,10 +54,19 @@ def print_tables(tables: list[tuple[str, Rows]], failures: list[str] = ()) -> No
 
 
 def write_report(
-    out: Path, title: str, tables: list[tuple[str, Rows]], failures: list[str], plots: list[Path]
+    out: Path,
+    title: str,
+    tables: list[tuple[str, Rows]],
+    failures: list[str],
+    plots: list[Path],
+    notes: list[str] = (),
 ) -> None:
-    """``out/report.html`` (plots inlined, opens anywhere) and ``out/summary.md`` (plots beside it)."""
-    sections = "".join(f"<h2>{html.escape(h)}</h2>{_html_table(rows)}" for h, rows in tables if len(rows) > 1)
+    """``out/report.html`` (plots inlined, opens anywhere) and ``out/summary.md`` (plots beside it);
+    ``notes``: what the tables compare, and what was left out."""
+    sections = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+    sections += "".join(
+        f"<h2>{html.escape(h)}</h2>{_html_table(rows)}" for h, rows in tables if len(rows) > 1
+    )
     if failures:
         items = "".join(f"<li>{html.escape(f)}</li>" for f in failures)
         sections += f"<h2 class='failed'>Failed runs</h2><ul class='failed'>{items}</ul>"
@@ -66,7 +75,7 @@ def write_report(
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{sections}"
         f"<h2>Plots</h2>{''.join(_img(p) for p in plots)}</body></html>"
     )
-    md = [f"# {title}", ""]
+    md = [f"# {title}", "", *notes, ""]
     for heading, rows in tables:
         if len(rows) > 1:
             md += [f"## {heading}", "", _md_table(rows), ""]

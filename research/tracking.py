@@ -179,6 +179,7 @@ def make_logger(
         "overrides": redact(" ".join(overrides)) or "(defaults)",
         "swept_keys": ",".join(sorted(o.split("=", 1)[0].lstrip("+~") for o in overrides)),
         "config_hash": config_hash(cfg),
+        "grid.base": str(grid.get("base") or ""),  # runs of one launch share it: lab compare groups by it
         "git_revision": git_revision(),
         "run_dir": str(run_dir),
         **(extra_tags or {}),
