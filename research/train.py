@@ -35,6 +35,7 @@ class CheckpointError(ValueError):
 class Resume:
     path: Path  # the checkpoint file
     run_id: str | None  # the MLflow run it belongs to
+    config_hash: str | None = None  # of the config that wrote it
 
 
 def find_checkpoint(resume: str) -> Resume:
@@ -51,7 +52,7 @@ def find_checkpoint(resume: str) -> Resume:
         raise CheckpointError(
             f"resume='{resume}' is not a readable checkpoint: {' '.join(str(e).split())[:200]}"
         ) from e
-    return Resume(path, ckpt.get("mlflow_run_id"))
+    return Resume(path, ckpt.get("mlflow_run_id"), ckpt.get("config_hash"))
 
 
 # Keys a resume may change: they extend a run, not what its steps compute.
@@ -79,10 +80,9 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
         raise CheckpointError(f"resume='{resume}': no config.yaml in {folder} (a run folder holds one)")
     cfg = OmegaConf.load(config_file)
     before = tracking.hashed_items(cfg)
-    recorded = preemption.read_checkpoint(ckpt.path).get("config_hash")
-    if recorded is not None and recorded != tracking.config_hash(cfg):
+    if ckpt.config_hash is not None and ckpt.config_hash != tracking.config_hash(cfg):
         raise CheckpointError(f"resume='{resume}': {ckpt.path.name} was written by another config than "
-                              f"{config_file} (config_hash {recorded})")  # fmt: skip
+                              f"{config_file} (config_hash {ckpt.config_hash})")  # fmt: skip
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.get_key_element().lstrip("+")
         if key.startswith("hydra") or key == "resume":
@@ -93,13 +93,13 @@ def resumed_config(resume: str, overrides: list[str]) -> DictConfig:
         OmegaConf.update(cfg, key, o.value(), force_add=True)
     cfg.resume = str(ckpt.path)
     after = tracking.hashed_items(cfg)
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    if changed := [k for k in changed if k not in EXTENDS_A_RUN]:
+    changed = sorted(
+        k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in EXTENDS_A_RUN
+    )
+    if changed:
         key = changed[0]
-        new, had = (
-            after.get(key, "(removed)"),
-            before.get(key, before.get(f"{key}.name")),
-        )  # a group: its name
+        new = after.get(key, "(removed)")
+        had = before.get(key, before.get(f"{key}.name"))  # a config group: the name it had
         raise CheckpointError(f"resume='{resume}': {key}={new!r} would change what the run computes "
                               f"(it has {had!r}); a resume may change only "
                               f"{', '.join(EXTENDS_A_RUN)}")  # fmt: skip
