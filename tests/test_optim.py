@@ -107,7 +107,7 @@ class Losses(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _fit(tmp_path, setting, max_steps: int, resume=None, checkpoint_at: int | None = None):
+def _fit(tmp_path, setting, max_steps: int, resume=None, checkpoint_at: int | None = None, clip=None):
     torch.manual_seed(0)
     module = LitLM(tiny_config(ffn="moe", balance="aux_free"), OPTIM, torch.ones(64),
                    speed_options={"bf16_expert_weights": setting})  # fmt: skip
@@ -118,7 +118,7 @@ def _fit(tmp_path, setting, max_steps: int, resume=None, checkpoint_at: int | No
                                                              save_top_k=-1))  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=max_steps, logger=False,
                         enable_checkpointing=bool(checkpoint_at), enable_progress_bar=False,
-                        enable_model_summary=False, gradient_clip_val=1.0, callbacks=callbacks)  # fmt: skip
+                        enable_model_summary=False, gradient_clip_val=clip, callbacks=callbacks)  # fmt: skip
     # 6 batches an epoch: a checkpoint at step 6 resumes at the start of the second
     tokens = torch.randint(0, 64, (12, 17), generator=torch.Generator().manual_seed(1))
     data = torch.utils.data.DataLoader(tokens, batch_size=2)
@@ -128,18 +128,26 @@ def _fit(tmp_path, setting, max_steps: int, resume=None, checkpoint_at: int | No
 
 def test_training_with_bf16_expert_weights_follows_fp32_weights_and_resumes_exactly(tmp_path):
     plain, plain_losses = _fit(tmp_path / "plain", False, 12)
-    module, losses = _fit(tmp_path / "bf16", True, 12, checkpoint_at=6)
+    module, losses = _fit(tmp_path / "bf16", True, 12)
     experts = module.model.blocks[1].ffn.experts
     assert experts.w_gate_up.dtype == experts.w_down.dtype == torch.bfloat16
-    torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=0)  # the same training, up to rounding
-    # The checkpoint holds fp32 masters, as a plain run's would; resuming from it repeats the rest.
-    checkpoint = torch.load(tmp_path / "bf16" / "epoch=0-step=6.ckpt", weights_only=True)
+    # Autocast casts an fp32 weight to bf16 for its GEMM and its gradient comes back bf16: stored
+    # in bf16 with an fp32 master, the same training to the bit.
+    assert losses == plain_losses
+    master = module.trainer.optimizers[0].master_of(experts.w_down)
+    torch.testing.assert_close(master, plain.model.blocks[1].ffn.experts.w_down.detach(), rtol=0, atol=0)
+    # Clipped (the norm is taken in fp32 and the bf16 gradients scaled in the step, checked against
+    # clip_grad_norm_ above; its summation order differs in the last fp32 bit, which bf16 autocast
+    # then amplifies, so the clipped runs are not compared to the bit). The checkpoint holds fp32
+    # masters, as a plain run's would; resuming from it repeats the rest exactly.
+    _, clipped = _fit(tmp_path / "clipped", True, 12, checkpoint_at=6, clip=1.0)
+    assert clipped != losses  # the clip acts
+    checkpoint = torch.load(tmp_path / "clipped" / "epoch=0-step=6.ckpt", weights_only=True)
     saved = checkpoint["state_dict"]["model.blocks.1.ffn.experts.w_down"]
     assert saved.dtype == torch.float32 and not torch.equal(saved, saved.bfloat16().float())
-    _, resumed = _fit(tmp_path / "resumed", True, 12, resume=tmp_path / "bf16" / "epoch=0-step=6.ckpt")
-    assert resumed == losses[6:]
-    master = module.trainer.optimizers[0].master_of(experts.w_down)
-    torch.testing.assert_close(master, plain.model.blocks[1].ffn.experts.w_down.detach(), rtol=0, atol=1e-5)
+    resume = tmp_path / "clipped" / "epoch=0-step=6.ckpt"
+    _, resumed = _fit(tmp_path / "resumed", True, 12, resume=resume, clip=1.0)
+    assert resumed == clipped[6:]
 
 
 def test_bf16_expert_weights_resolve_per_device_and_refuse_what_they_cannot_keep():
