@@ -272,7 +272,7 @@ def _sweep(rest: list[str]) -> None:
     parser.add_argument("--trials", type=int, help="the budget (default: the file's budget.n_trials)")
     parser.add_argument("--storage", help="sqlite:///F.db, postgresql://..., or journal:PATH")
     parser.add_argument("--wait", action="store_true",
-                        help="on Slurm (cluster=PROFILE): wait for the workers, then report")  # fmt: skip
+                        help="on Slurm: wait for the workers, report here (else a job does)")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the studies and exit")
     args, overrides = parser.parse_known_args(rest)
     if args.list or not args.name:
@@ -292,9 +292,15 @@ def _sweep(rest: list[str]) -> None:
     except USER_ERRORS as e:
         fail_if(one_line(e))
     states = [t.state.name for t in study.trials]
+    done = states.count("COMPLETE") + states.count("PRUNED")
     if waited and "COMPLETE" not in states:
         print(f"error: no trial of study '{spec.name}' completed ({states.count('FAIL')} failed); "
               f"see the report's failures", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
+    if waited and done < spec.n_trials:  # failed trials count towards a worker's quota, not the budget
+        print(f"error: study '{spec.name}' has {done} of {spec.n_trials} trials done "
+              f"({states.count('FAIL')} failed, see the report's failures); the same command runs "
+              f"the rest", file=sys.stderr)  # fmt: skip
         sys.exit(1)
 
 

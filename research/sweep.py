@@ -282,6 +282,8 @@ def objective(trial: optuna.Trial, spec: SweepSpec, parent_run_id: str, out_dir:
             # Pruned: stopped on purpose, not a failure. Requeued: the worker restarts with new trials.
             if pruned or isinstance(e, preemption.Requeued):
                 client.set_terminated(reporter.run_id, "KILLED")
+        elif not isinstance(e, optuna.TrialPruned | preemption.Requeued):
+            trial.set_user_attr("mlflow_run_id", _record_failed_start(client, cfg, tags, e))
         raise
     trial.set_user_attr("mlflow_run_id", result.run_id)
     client.set_tag(result.run_id, "optuna.state", "COMPLETE")
@@ -290,6 +292,19 @@ def objective(trial: optuna.Trial, spec: SweepSpec, parent_run_id: str, out_dir:
         not missing, "objectives", missing, "metrics this run logs (perf/mfu needs a GPU with a known peak)"
     )
     return [result.metrics[m] for m, _ in spec.objectives]
+
+
+def _record_failed_start(client: Any, cfg: Any, tags: dict[str, str], e: BaseException) -> str:
+    """A trial that failed before its MLflow run existed (a setting the data refuses) gets a FAILED
+    run with the reason, so the sweep's runs list it beside the others."""
+    from research.cli import one_line
+    from research.tracking import ensure_experiment
+
+    exp_id = ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    failed = {**tags, "optuna.state": "FAIL", "failure_reason": one_line(e)[:5000]}
+    run = client.create_run(exp_id, run_name=f"trial {tags['optuna.trial']}", tags=failed)
+    client.set_terminated(run.info.run_id, "FAILED")
+    return run.info.run_id
 
 
 def _worker(spec: SweepSpec, worker: int, n_trials: int, parent_run_id: str, out_dir: Path) -> None:
@@ -340,7 +355,9 @@ def _parent_run(spec: SweepSpec, uri: str) -> str:
 
 def _submit_workers(spec: SweepSpec, cfg: Any, quotas: list[int], parent: str, out_dir: Path,
                     wait: bool) -> bool:  # fmt: skip
-    """Send the workers to Slurm as one job array; True once they ended (``wait``)."""
+    """Send the workers to Slurm as one job array; True once they ended (``wait``). Without
+    ``wait``, a job that starts once the whole array ended writes the report and closes the parent
+    run, so the record is complete without anyone coming back."""
     quotas = [q for q in quotas if q]
     if not quotas:
         return True
@@ -355,13 +372,37 @@ def _submit_workers(spec: SweepSpec, cfg: Any, quotas: list[int], parent: str, o
         slurm.Submitted(i, f"worker {i}: {q} trials", job.job_id, str(out_dir), str(job.paths.stdout))
         for i, (q, job) in enumerate(zip(quotas, jobs, strict=True))
     ]
+    if not wait:
+        report = _submit_report_job(spec, cfg, parent, folder, array_id=jobs[0].job_id.split("_")[0])
+        submitted.append(slurm.Submitted(n, "report", report.job_id, str(out_dir), str(report.paths.stdout)))
     record = slurm.write_record(folder, "sweep", spec.name, cfg.cluster.name, submitted)
     print(f"submitted {n} worker(s) on '{cfg.cluster.name}'; record {record}; see `lab status {spec.name}`")
     if not wait:
-        print(f"when they are done, `lab sweep {spec.name}` again writes the report")
+        print(f"job {submitted[-1].job_id} writes the report and closes the sweep's run once they ended")
         return False
     slurm.wait([s.job_id for s in submitted])
     return True
+
+
+def _submit_report_job(spec: SweepSpec, cfg: Any, parent: str, folder: Path, array_id: str) -> Any:
+    """One small job after every task of the workers' array ended (``afterany``: a requeued task is
+    not ended), on the profile's partition without its GPUs."""
+    profile = OmegaConf.merge(cfg.cluster, {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1,
+                                            "sbatch": [*(cfg.cluster.sbatch or []),
+                                                       f"--dependency=afterany:{array_id}"]})  # fmt: skip
+    executor = slurm.make_executor(profile, folder / "slurm", f"lab-sweep-{spec.name}-report",
+                                   cfg.trainer.requeue_signal)  # fmt: skip
+    entry = SlurmEntry("research.sweep:report", cfg.trainer.requeue_signal)
+    return executor.submit(entry, spec, parent, cfg.tracking.uri)
+
+
+def report(spec: SweepSpec, parent: str, uri: str) -> Path:
+    """The study's report under reports/EXPERIMENT/, and the sweep's parent run FINISHED."""
+    from research.sweep_report import report_sweep
+
+    out = Path("reports") / spec.experiment / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    report_sweep(open_study(spec), spec, uri, parent, out)
+    return out
 
 
 def run_sweep(spec: SweepSpec, workers: int = 1, wait: bool = True) -> optuna.Study:
@@ -399,8 +440,5 @@ def run_sweep(spec: SweepSpec, workers: int = 1, wait: bool = True) -> optuna.St
             p.start()
         for p in procs:
             p.join()
-    from research.sweep_report import report_sweep
-
-    out = Path("reports") / spec.experiment / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    report_sweep(open_study(spec), spec, cfg.tracking.uri, parent, out)
+    report(spec, parent, cfg.tracking.uri)
     return open_study(spec)

@@ -144,21 +144,30 @@ def test_a_hard_requeue_resumes_from_the_last_checkpoint_and_records_each_step_o
     )
 
 
-def test_sweep_workers_run_as_slurm_jobs_on_one_journal_storage(tmp_path, shared_cache, slurm):
+def test_sweep_workers_run_as_slurm_jobs_and_a_last_job_reports_and_closes_the_sweep(tmp_path, shared_cache,
+                                                                                      slurm):  # fmt: skip
     write_sweep(tmp_path, "ssweep", sampler={"name": "random", "seed": 0}, budget={"n_trials": 4})
     journal = tmp_path / "shared" / "study.journal"
     journal.parent.mkdir()
     proc = run_lab(tmp_path, "sweep", "ssweep", "cluster=slurm_local", "--workers", "2",
-                   "--storage", f"journal:{journal}", "--wait")  # fmt: skip
+                   "--storage", f"journal:{journal}")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = newest_record(tmp_path, "sweeps_out", "ssweep")["jobs"]
+    assert [j["label"] for j in jobs] == ["worker 0: 2 trials", "worker 1: 2 trials", "report"]
+    states = wait([j["job_id"] for j in jobs])  # nobody runs the sweep command again
+    assert set(states.values()) == {"COMPLETED"}, states
     from research.sweep import make_storage
 
     done = trials(make_storage(f"journal:{journal}"), "ssweep")
     assert len(done) == 4 and {t.state.name for t in done} == {"COMPLETE"}
-    job_ids = {j["job_id"] for j in newest_record(tmp_path, "sweeps_out", "ssweep")["jobs"]}
-    children = [r for r in runs(tmp_path, "sweep_ssweep") if "optuna.trial" in r.data.tags]
+    every = runs(tmp_path, "sweep_ssweep")
+    children = [r for r in every if "optuna.trial" in r.data.tags]
     assert len(children) == 4
-    assert {r.data.tags["slurm.job_id"] for r in children} == job_ids  # both workers took trials
+    workers = {j["job_id"] for j in jobs[:2]}
+    assert {r.data.tags["slurm.job_id"] for r in children} == workers  # both took trials
+    (parent,) = [r for r in every if r.data.tags.get("lab.kind") == "sweep"]
+    assert parent.info.status == "FINISHED"
+    assert list((tmp_path / "reports" / "sweep_ssweep").glob("*/report.html"))
 
 
 def grid_in_background(cwd, name: str, overrides: list[str]) -> subprocess.Popen:

@@ -172,3 +172,15 @@ def test_a_sweep_where_no_trial_completed_exits_non_zero(tmp_path, shared_cache)
     proc = run_lab(tmp_path, "sweep", "allfail")  # passes the pre-check: the corpus's size is read later
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "error: no trial of study 'allfail' completed (2 failed)" in proc.stderr
+
+
+def test_a_sweep_with_a_failed_trial_exits_non_zero_and_names_what_is_left(tmp_path, shared_cache):
+    seq_len = {"data.seq_len": {"type": "categorical", "choices": [32, 10000000]}}
+    write_sweep(tmp_path, "somefail", budget={"n_trials": 2}, space=seq_len,
+                enqueue=[{"data.seq_len": 32}, {"data.seq_len": 10000000}])  # fmt: skip
+    proc = run_lab(tmp_path, "sweep", "somefail")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: study 'somefail' has 1 of 2 trials done (1 failed" in proc.stderr
+    parent, children = child_runs(tmp_path, "somefail")
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
