@@ -309,17 +309,21 @@ def test_an_unfinished_run_with_nothing_to_resume_is_closed_as_killed(tmp_path, 
 def test_compare_never_puts_runs_of_another_config_in_one_table(tmp_path, shared_cache):
     write_grid(tmp_path, "gmix", "params: {attention: [mha, mla]}\nseeds: [0]\nbaseline: attention=mha")
     assert run_lab(tmp_path, "grid", "gmix").returncode == 0
-    again = run_lab(tmp_path, "grid", "gmix", "data.seq_len=16", "trainer.max_steps=6")
+    # The same grid again on another corpus, for fewer steps: a new user's second launch.
+    book = tmp_path / "book.txt"
+    book.write_text("".join(f"Chapter {i}. The tide came in over the flats and went out again.\n"
+                            for i in range(600)))  # fmt: skip
+    text = ["data=text", f"data.path={book}", "data.val_fraction=0.5"]
+    again = run_lab(tmp_path, "grid", "gmix", *text, "trainer.max_steps=6")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "gmix: 2 run(s) of another config left out (data.seq_len='32' there, '16' here" in again.stdout
-    assert (
-        "compares: corpus stdlib, tokenizer byte, 6 steps (192 tokens), model tiny, precision fp32"
-        in again.stdout
-    )
+    left_out = next(line for line in again.stdout.splitlines() if "of another config left out" in line)
+    assert left_out.startswith("gmix: 2 run(s) of another config left out (data.path=None there, ")
+    assert "data.source='stdlib' there, 'text' here" in left_out
+    assert f"compares: corpus text {book}, tokenizer byte, 6 steps (384 tokens), model tiny" in again.stdout
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     newest = compare(["gmix"], uri=uri, out=tmp_path / "r1", show=False, log_to_mlflow=False)
     assert {s.arm: s.finished for s in newest.summaries} == {"attention=mha": 1, "attention=mla": 1}
-    assert all(r.params["data.seq_len"] == "16" for r in newest.runs)
+    assert all(r.params["data.source"] == "text" for r in newest.runs)
     every = compare(["gmix"], uri=uri, out=tmp_path / "r2", show=False, log_to_mlflow=False, all_configs=True)
     assert len(every.summaries) == 4 and all(s.finished == 1 for s in every.summaries)
     assert "another config left out" in (tmp_path / "r1" / "report.html").read_text()
