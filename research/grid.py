@@ -37,9 +37,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def search_roots() -> list[Path]:
-    """Folders whose ``ablations/`` hold grid files: the working folder's first, then the project's."""
+    """Folders holding grid files (``ablations/``) or Slurm profiles (``cluster/``): the working
+    folder's first, then the project's."""
     roots = [Path.cwd(), REPO_ROOT]
-    return [r for i, r in enumerate(roots) if (r / "ablations").is_dir() and r not in roots[:i]]
+    return [r for i, r in enumerate(roots)
+            if ((r / "ablations").is_dir() or (r / "cluster").is_dir()) and r not in roots[:i]]  # fmt: skip
 
 
 def searchpath_override() -> str:

@@ -310,6 +310,22 @@ def test_profiles_map_onto_the_allocation():
         sbatch_options(["exclusive"])
 
 
+def test_a_sites_profile_in_the_working_folder_is_found_without_an_ablations_folder(tmp_path, monkeypatch):
+    from research.grid import compose_run
+
+    (tmp_path / "cluster").mkdir()
+    site = (
+        "defaults: [slurm_h100, _self_]\nname: mysite\npartition: cpu\nconstraint: null\ngpus_per_node: 0\n"
+    )
+    (tmp_path / "cluster" / "mysite.yaml").write_text(site)
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_run(["cluster=mysite"])
+    assert (
+        cfg.cluster.partition == "cpu"
+        and cfg.cluster.time_min == compose_run(["cluster=slurm_h100"]).cluster.time_min
+    )
+
+
 def test_strategies_by_name_and_bad_ones_in_one_line(tmp_path, shared_cache):
     ddp = make_strategy(OmegaConf.create({"strategy": "ddp"}))
     fsdp = make_strategy(OmegaConf.create({"strategy": "fsdp", "sharding": "SHARD_GRAD_OP"}))
