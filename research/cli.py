@@ -339,8 +339,11 @@ def fail_if(problem: str | None) -> None:
 
 
 def quiet() -> None:
-    """Lightning's banners (GPU available, tips) and one upstream deprecation add nothing here."""
+    """Lightning's banners (GPU available, tips), MLflow's schema set-up and one upstream
+    deprecation add nothing here."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    for schema_setup in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # a new store's tables
+        logging.getLogger(schema_setup).setLevel(logging.WARNING)
     warnings.filterwarnings(
         "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
     )  # Lightning vs torch 2.13

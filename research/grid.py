@@ -208,11 +208,12 @@ def _submit(cfg: DictConfig, name: str, todo: list[Job], grid_dir: Path, wait: b
     executor = slurm.make_executor(cfg.cluster, grid_dir / "slurm", f"lab-{cfg.ablation}",
                                    cfg.trainer.requeue_signal)  # fmt: skip
     positions = [str(i) for i in range(len(todo))]
-    array = executor.map_array(
-        SlurmEntry("research.slurm:run_grid_job", cfg.trainer.requeue_signal),
-        [[*j.overrides, "trainer.progress_bar=false"] for j in todo],
-        [str(j.run_dir.resolve()) for j in todo],
-    )
+    with slurm.sbatch_refusal(cfg.cluster):
+        array = executor.map_array(
+            SlurmEntry("research.slurm:run_grid_job", cfg.trainer.requeue_signal),
+            [[*j.overrides, "trainer.progress_bar=false"] for j in todo],
+            [str(j.run_dir.resolve()) for j in todo],
+        )
     submitted = [
         slurm.Submitted(int(p), f"{j.arm} seed={j.seed}", a.job_id, str(j.run_dir), str(a.paths.stdout))
         for p, j, a in zip(positions, todo, array, strict=True)

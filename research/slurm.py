@@ -15,11 +15,14 @@ so the same profile keys go to submitit directly.)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +94,40 @@ def make_executor(profile: DictConfig, folder: Path, name: str, signal_name: str
         params["mem_gb"] = int(profile.mem_gb)
     executor.update_parameters(**params)
     return executor
+
+
+# sbatch's refusal -> the profile keys that usually cause it (Slurm's wording, lower-cased).
+REFUSAL_KEYS = (
+    ("feature specification", ("constraint",)),
+    ("generic resource", ("gpus_per_node",)),
+    ("partition", ("partition",)),
+    ("account", ("account",)),
+    ("qos", ("qos",)),
+    ("time limit", ("time_min",)),
+    ("memory", ("mem_gb",)),
+    ("node count", ("nodes",)),
+    ("node configuration", ("gpus_per_node", "constraint", "cpus_per_gpu", "mem_gb")),
+)
+
+
+@contextlib.contextmanager
+def sbatch_refusal(profile: DictConfig) -> Iterator[None]:
+    """sbatch refusing a submission as one line naming the profile key to change, not submitit's
+    traceback (submitit also prints sbatch's stderr itself: held back here)."""
+    from submitit.core.utils import FailedJobError
+
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except FailedJobError as e:
+        lines = [line.strip().removeprefix("sbatch: error: ") for line in str(e).splitlines() if line.strip()]
+        reason = (lines[-1] if lines else "no reason given").removeprefix("Batch job submission failed: ")
+        keys = next((keys for words, keys in REFUSAL_KEYS if words in reason.lower()), ())
+        where = f"cluster profile '{profile.name}'"
+        change = ", ".join(f"cluster.{k} (now {profile.get(k)!r})" for k in keys)
+        hint = f"; change {change} in {where}" if keys else f"; check {where}"
+        raise ValueError(f"sbatch refused the job: {reason}{hint}") from None
 
 
 def _sbatch_available() -> bool:

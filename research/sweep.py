@@ -367,7 +367,8 @@ def _submit_workers(spec: SweepSpec, cfg: Any, quotas: list[int], parent: str, o
                                    cfg.trainer.requeue_signal)  # fmt: skip
     n = len(quotas)
     worker = SlurmEntry("research.sweep:_slurm_worker", cfg.trainer.requeue_signal)
-    jobs = executor.map_array(worker, [spec] * n, list(range(n)), quotas, [parent] * n, [out_dir] * n)
+    with slurm.sbatch_refusal(cfg.cluster):
+        jobs = executor.map_array(worker, [spec] * n, list(range(n)), quotas, [parent] * n, [out_dir] * n)
     submitted = [
         slurm.Submitted(i, f"worker {i}: {q} trials", job.job_id, str(out_dir), str(job.paths.stdout))
         for i, (q, job) in enumerate(zip(quotas, jobs, strict=True))
@@ -393,7 +394,8 @@ def _submit_report_job(spec: SweepSpec, cfg: Any, parent: str, folder: Path, arr
     executor = slurm.make_executor(profile, folder / "slurm", f"lab-sweep-{spec.name}-report",
                                    cfg.trainer.requeue_signal)  # fmt: skip
     entry = SlurmEntry("research.sweep:report", cfg.trainer.requeue_signal)
-    return executor.submit(entry, spec, parent, cfg.tracking.uri)
+    with slurm.sbatch_refusal(profile):
+        return executor.submit(entry, spec, parent, cfg.tracking.uri)
 
 
 def report(spec: SweepSpec, parent: str, uri: str) -> Path:

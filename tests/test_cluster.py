@@ -419,3 +419,18 @@ def test_one_lab_train_with_a_slurm_profile_becomes_a_job(tmp_path, shared_cache
     assert run.info.status == "FINISHED" and run.data.tags["slurm.job_id"]
     several = lab(tmp_path, "-m", "seed=0,1", *TINY, "cluster=slurm_local")
     assert error_line(several) == "error: several runs on Slurm go in a grid: lab grid NAME cluster=PROFILE"
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("cluster.constraint=h100", "error: sbatch refused the job: Invalid feature specification; "
+                                    "change cluster.constraint (now 'h100') in cluster profile"),
+        ("cluster.gpus_per_node=1", "error: sbatch refused the job: Invalid generic resource (gres) "
+                                    "specification; change cluster.gpus_per_node (now 1)"),
+    ],
+)  # fmt: skip
+def test_a_profile_sbatch_refuses_is_one_line_naming_the_key(tmp_path, shared_cache, slurm, override, line):
+    proc = lab(tmp_path, *TINY, "cluster=slurm_local", override)
+    assert proc.returncode == 2 and error_line(proc).startswith(line), proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
