@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 
 from components.balance import max_violation
@@ -265,3 +265,53 @@ class DivergenceGuard(L.Callback):
             step, value = self._first_bad.tolist()
             if step >= 0:
                 raise TrainingDiverged(f"loss is {value} at step {int(step)}")
+
+
+class StepsProgressBar(RichProgressBar):
+    """Rich's bar, described by what a run counts: steps (Lightning's "Epoch 0/-2" is an epoch of
+    an endless stream out of a limit it does not have)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'train':{len(self.validation_description)}}"
+
+
+class ProgressLines(L.Callback):
+    """Where no terminal shows a progress bar (a Slurm job's log, a grid run's ``log.txt``): one
+    plain line every ``every`` steps (step, loss, tokens/s, ETA) and one per evaluation."""
+
+    def __init__(self, every: int, stream: Any = None):
+        self.every, self.stream = every, stream
+        self._start: float | None = None
+        self._start_step = 0
+
+    def _print(self, trainer: L.Trainer, line: str) -> None:
+        if trainer.is_global_zero:
+            print(line, file=self.stream or sys.stdout, flush=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._start_step = time.perf_counter(), trainer.global_step  # a resume starts later
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        step, total = trainer.global_step, trainer.max_steps
+        if step % self.every and step != total:
+            return
+        elapsed = time.perf_counter() - self._start
+        done = step - self._start_step
+        tokens_per_s = done * batch[:, 1:].numel() * trainer.world_size / elapsed
+        eta = elapsed / done * (total - step)
+        loss = float(outputs["loss"])  # a GPU wait, once every `every` steps
+        self._print(trainer, f"step {step}/{total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+                             f"ETA {_duration(eta)}")  # fmt: skip
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bpb = trainer.callback_metrics.get(M.VAL_BPB)
+        if bpb is not None:
+            step = f"step {trainer.global_step}/{trainer.max_steps}"
+            self._print(trainer, f"{step}  {M.VAL_BPB} {float(bpb):.4f}")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

@@ -21,6 +21,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -52,7 +53,30 @@ def train_app(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None  # one bad arm does not stop the grid
         sys.exit(1 if isinstance(e, TrainingDiverged) else 2)
+    print_summary(cfg, run_dir, result)
     return result.metrics.get("val/bpb")
+
+
+def print_summary(cfg: DictConfig, run_dir: Path, result: Any) -> None:
+    """What a finished run measured and where it is recorded (rank zero only)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from research import metrics as M
+    from research.redaction import redact
+
+    if rank_zero_only.rank != 0:
+        return
+    m = result.metrics
+    measured = [f"{M.VAL_BPB} {m[M.VAL_BPB]:.4f}" if M.VAL_BPB in m else None,
+                f"{m[M.TOKENS_PER_S]:,.0f} tok/s" if M.TOKENS_PER_S in m else None]  # fmt: skip
+    uri = redact(cfg.tracking.uri)
+    print(f"finished: {', '.join(m for m in measured if m) or 'no metrics'}; MLflow run {result.run_id} "
+          f"in experiment '{cfg.tracking.experiment}'")  # fmt: skip
+    print(f"run folder: {run_dir}")
+    if not uri.startswith("http"):
+        print(f"look at it: mlflow ui --backend-store-uri {uri}")
+    else:
+        print(f"look at it: {uri}")
 
 
 def first_job(overrides: list[str]) -> list[str]:

@@ -307,6 +307,6 @@ def _record_failure(cfg: DictConfig, job: Job, returncode: int) -> None:
     reason = _last_error(job.run_dir / "log.txt")
     tags = {"ablation": cfg.ablation, "arm": job.arm, "baseline": cfg.grid.get("baseline") or "",
             "run_dir": str(job.run_dir.resolve()), "failure_reason": reason}  # fmt: skip
-    run = client.create_run(exp_id, run_name=f"{job.arm} seed={job.seed}", tags=tags)
+    run = client.create_run(exp_id, run_name=tracking.run_name(cfg.ablation, job.arm, job.seed), tags=tags)
     client.log_param(run.info.run_id, "seed", job.seed)
     client.set_terminated(run.info.run_id, "FAILED")

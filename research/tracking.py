@@ -160,6 +160,14 @@ class OnceAStepLogger(MLFlowLogger):
             super().log_metrics(fresh, step)
 
 
+def run_name(ablation: str, arm: str, seed: int) -> str:
+    """A run's MLflow name: what it is, not MLflow's random words (which repeat for every run of
+    one seed, seeding having come first)."""
+    what, seed_part = f"{ablation}: {arm}", f" seed={seed}"
+    room = 250 - len(seed_part)  # MLflow's limit on a run name; the seed is kept whole
+    return (what if len(what) <= room else what[: room - 3] + "...") + seed_part
+
+
 def make_logger(
     cfg: DictConfig,
     run_dir: Path,
@@ -184,7 +192,8 @@ def make_logger(
         "run_dir": str(run_dir),
         **(extra_tags or {}),
     }
-    logger = OnceAStepLogger(experiment_name=t.experiment, run_name=t.get("run_name"), tracking_uri=t.uri,
+    name = t.get("run_name") or run_name(cfg.ablation, tags["arm"], cfg.seed)
+    logger = OnceAStepLogger(experiment_name=t.experiment, run_name=name, tracking_uri=t.uri,
                           tags=tags if run_id is None else None, run_id=run_id)  # fmt: skip
     if run_id is None:
         params = flatten(OmegaConf.to_container(cfg, resolve=True))

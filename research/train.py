@@ -8,18 +8,27 @@ bad input costs seconds and leaves the records as they were.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from components.registry import require
 from research import ownership, preemption, tracking
-from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor, StaticMetrics, StepCheckpoint
+from research.callbacks import (
+    DivergenceGuard,
+    MoEMonitor,
+    PerfMonitor,
+    ProgressLines,
+    StaticMetrics,
+    StepCheckpoint,
+    StepsProgressBar,
+)
 from research.config import apply_precision_recipe, linear_factory, model_config, precision_of
 from research.data import LMDataModule
 from research.module import LitLM
@@ -202,9 +211,12 @@ def train(
             DivergenceGuard(math.gcd(t.log_every, t.checkpoint_every)),
             LearningRateMonitor(logging_interval="step"),
         ]
-        if t.progress_bar:
+        bar = t.progress_bar and sys.stdout.isatty()
+        if bar:
             # A refresh reads the loss: a GPU wait, so only every log_every steps.
-            callbacks.append(RichProgressBar(refresh_rate=t.log_every))
+            callbacks.append(StepsProgressBar(refresh_rate=t.log_every))
+        else:  # a log file: plain lines
+            callbacks.append(ProgressLines(t.log_every))
         if preemption.on_slurm():
             callbacks.append(preemption.RequeueOnSignal(ckpt_dir, t.requeue_signal))
         trainer = L.Trainer(
@@ -228,7 +240,7 @@ def train(
             accumulate_grad_batches=t.accumulate,
             logger=logger,
             callbacks=callbacks,
-            enable_progress_bar=t.progress_bar,
+            enable_progress_bar=bar,
             enable_model_summary=False,
             default_root_dir=run_dir,
         )

@@ -58,7 +58,13 @@ def test_grid_runs_every_arm_and_seed_and_prints_the_comparison(grid_2x2):
         (f"attention={a} ffn={f}", s) for a in ("mha", "mla") for f in ("dense", "moe") for s in "01"
     }
     assert "delta vs baseline" in proc.stdout and "attention=mla ffn=moe" in proc.stdout
-    assert sorted(p.name for p in (cwd / "multirun" / "g2x2").glob("*/*/log.txt"))  # a log per run
+    logs = sorted((cwd / "multirun" / "g2x2").glob("*/*/log.txt"))
+    assert len(logs) == 8
+    for log in logs:  # no terminal there: the progress as plain lines
+        text = log.read_text()
+        assert re.search(r"^step 1/4  loss \d+\.\d{4}  [\d,]+ tok/s  ETA \d+m\d\ds$", text, re.M), text
+        assert re.search(r"^step 4/4  loss .* ETA 0m00s$", text, re.M), text
+        assert re.search(r"^step 2/4  val/bpb \d+\.\d{4}$", text, re.M), text
 
 
 def test_compare_aggregates_match_mlflow_raw_metrics(grid_2x2, tmp_path):

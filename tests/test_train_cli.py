@@ -62,6 +62,9 @@ def test_run_records_config_params_and_artifact(tmp_path, shared_cache):
     p = run.data.params
     assert p["attention.name"] == "gqa" and p["model.d_model"] == "64" and p["optim.betas"] == "[0.9, 0.95]"
     assert run.data.tags["ablation"] == "demo" and "attention" in run.data.tags["swept_keys"]
+    name = run.info.run_name  # not MLflow's random words
+    assert name.startswith("demo: model=tiny") and name.endswith(" seed=0") and len(name) <= 250
+    assert "finished: val/bpb " in proc.stdout and f"MLflow run {run.info.run_id}" in proc.stdout
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
