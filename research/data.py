@@ -2,12 +2,12 @@
 
 A corpus is a list of documents, each with a stable key (a relative path, a file block, a dataset
 row). The key alone decides the split (a hash, so the split never moves when documents are added
-or removed), and a fingerprint of keys and file stats (read without opening any text) names the
-token cache: the first run tokenizes each split once into a memory-mapped ``.npy``; later runs map
-it and read no text at all.
+or removed), and a fingerprint of keys and file stats names the token cache: the first run
+tokenizes each split once into a memory-mapped ``.npy``; later runs map it, reading no more text
+than the first block of each file in a folder (to tell text from binary).
 
-Quality is measured in bits per byte: every token carries the number of text bytes it stands for,
-so a byte-level run and a BPE run report comparable ``val/bpb``.
+Quality is measured in bits per byte: every token carries the number of raw bytes it stands for
+(invalid UTF-8 included), so a byte-level run and a BPE run report comparable ``val/bpb``.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
 from components.registry import require, spec_error
 
 SPLITS = ("train", "val", "test")
-CACHE_FORMAT = 1
+BLOCK_BYTES = 4096  # files larger than this are cut into blocks of it, for the split
+CACHE_FORMAT = 2  # 2: block keys by index, invalid UTF-8 as byte tokens
 
 
 class DataError(ValueError):
@@ -44,9 +46,13 @@ class Document:
     stamp: str  # cheap change detector (size + mtime), part of the cache fingerprint
 
 
+def _position(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64  # in [0, 1)
+
+
 def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
     """'train', 'val' or 'test' from a hash of ``key`` alone, so a document never changes split."""
-    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    u = _position(key)
     return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
 
 
@@ -71,32 +77,54 @@ def stdlib_documents() -> list[Document]:
     return docs
 
 
-def text_documents(path: str, block_bytes: int = 4096) -> list[Document]:
-    """A folder of text files (one document each) or one file (cut into blocks so it can split)."""
+def _blocks(path: Path, key: str, block_bytes: int) -> list[Document]:
+    """A file as one document, or, when larger than a block, as blocks keyed ``KEY#i`` by their
+    index: a few large files still split, and a renamed single file keeps its val set."""
+    st = path.stat()
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    if st.st_size <= block_bytes:
+        return [Document(key, path.read_bytes, stamp)]
+
+    def block(i: int) -> Callable[[], bytes]:
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                f.seek(i * block_bytes)
+                return f.read(block_bytes)
+
+        return read
+
+    return [Document(f"{key}#{i}", block(i), stamp) for i in range(math.ceil(st.st_size / block_bytes))]
+
+
+def _is_text(path: Path, block_bytes: int) -> bool:
+    """No NUL byte in the first block: what git and grep call text."""
+    with open(path, "rb") as f:
+        return b"\0" not in f.read(block_bytes)
+
+
+def text_documents(
+    path: str, block_bytes: int = BLOCK_BYTES, log: Callable[[str], None] = print
+) -> list[Document]:
+    """A folder of text files or one file, each file cut into blocks of ``block_bytes`` when larger
+    (so the split draws from every part of the corpus). In a folder, hidden paths (``.git/``) and
+    files that are not text are skipped, and counted."""
     if not path:
         raise DataError("data.path is empty; set data.path=FILE_OR_FOLDER")
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"data.path='{path}' does not exist")
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-        docs = [_file_document(p, p.relative_to(root).as_posix()) for p in files if p.stat().st_size > 0]
+        found = sorted(p for p in root.rglob("*") if p.is_file() and p.stat().st_size > 0)
+        visible = [p for p in found if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+        text = [p for p in visible if _is_text(p, block_bytes)]
+        if len(text) < len(found):
+            log(f"data.path='{path}': skipped {len(found) - len(visible)} hidden and "
+                f"{len(visible) - len(text)} binary file(s) of {len(found)}")  # fmt: skip
+        docs = [d for p in text for d in _blocks(p, p.relative_to(root).as_posix(), block_bytes)]
     else:
-        st = root.stat()
-        n_blocks = math.ceil(st.st_size / block_bytes)
-
-        def block(i: int) -> Callable[[], bytes]:
-            def read() -> bytes:
-                with open(root, "rb") as f:
-                    f.seek(i * block_bytes)
-                    return f.read(block_bytes)
-
-            return read
-
-        stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        docs = [Document(f"{root.name}#{i}", block(i), stamp) for i in range(n_blocks)]
+        docs = _blocks(root, "", block_bytes) if root.stat().st_size else []
     if not docs:
-        raise DataError(f"data.path='{path}' holds no text (no non-empty files)")
+        raise DataError(f"data.path='{path}' holds no text (no non-empty text files)")
     return docs
 
 
@@ -135,13 +163,49 @@ class ByteTokenizer:
         return np.ones(self.vocab_size, dtype=np.int64)
 
 
+def _byte_chars() -> list[str]:
+    """Byte-level BPE's alphabet (GPT-2's, which ``tokenizers``' ByteLevel uses): byte b -> one
+    printable character, so a token of the vocabulary stands for as many bytes as it has characters."""
+    # tokenizers exposes the alphabet as a set, not the mapping; the tests hold this against it.
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return [chars[b] for b in range(256)]
+
+
+def utf8_runs(data: bytes) -> Iterator[tuple[bool, bytes]]:
+    """``data`` as alternating runs: (True, valid UTF-8) and (False, bytes that are not)."""
+    pos = 0
+    while pos < len(data):
+        try:
+            data[pos:].decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start:
+                yield True, data[pos : pos + e.start]
+            yield False, data[pos + e.start : pos + e.end]
+            pos += e.end
+        else:
+            yield True, data[pos:]
+            return
+
+
 class BPETokenizer:
-    """Byte-level BPE trained with the ``tokenizers`` library on the training split."""
+    """Byte-level BPE trained with the ``tokenizers`` library on the training split.
+
+    The library takes text, so bytes that are not valid UTF-8 never reach it: each becomes the
+    alphabet's token for that byte. Decoded with replacement instead, an invalid byte would be a
+    3-byte U+FFFD, and bits per byte would count bytes the text does not have."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
         self.name = f"bpe{self.vocab_size}"
+        vocab = tokenizer.get_vocab()
+        self._byte_ids = np.array([vocab[c] for c in _byte_chars()], dtype=np.uint32)
 
     @classmethod
     def train(cls, texts: Iterator[bytes], vocab_size: int, path: Path) -> BPETokenizer:
@@ -153,7 +217,8 @@ class BPETokenizer:
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
         )
-        tok.train_from_iterator((t.decode("utf-8", errors="replace") for t in texts), trainer)
+        valid = (run.decode() for t in texts for ok, run in utf8_runs(t) if ok)
+        tok.train_from_iterator(valid, trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tok.save(str(tmp))
@@ -167,10 +232,13 @@ class BPETokenizer:
         return cls(Tokenizer.from_file(str(path)))
 
     def encode(self, data: bytes) -> np.ndarray:
-        return np.asarray(self.tokenizer.encode(data.decode("utf-8", errors="replace")).ids, dtype=np.uint32)
+        parts = [np.asarray(self.tokenizer.encode(run.decode()).ids, dtype=np.uint32) if ok
+                 else self._byte_ids[np.frombuffer(run, dtype=np.uint8)]
+                 for ok, run in utf8_runs(data)]  # fmt: skip
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
     def token_bytes(self) -> np.ndarray:
-        # ByteLevel maps each byte to one printable character, so a token's length is its byte count.
+        # Each character of a token stands for one byte (``_byte_chars``).
         vocab = self.tokenizer.get_vocab()
         out = np.ones(self.vocab_size, dtype=np.int64)
         for token, i in vocab.items():
@@ -215,7 +283,7 @@ def tokenize_corpus(data_cfg: Any, log: Callable[[str], None] = print) -> Tokeni
     if source == "stdlib":
         docs = stdlib_documents()
     elif source == "text":
-        docs = text_documents(data_cfg.path)
+        docs = text_documents(data_cfg.path, log=log)
     elif source == "hf":
         docs = hf_documents(data_cfg.name, data_cfg.get("config"), data_cfg.split, data_cfg.text_column)
     else:
@@ -232,13 +300,20 @@ def tokenize_corpus(data_cfg: Any, log: Callable[[str], None] = print) -> Tokeni
     by_split: dict[str, list[Document]] = {s: [] for s in SPLITS}
     for d in docs:
         by_split[split_of(d.key, val_f, test_f)].append(d)
-    for split in ("train", "val"):
-        if not by_split[split]:
-            where = data_cfg.get("path") or data_cfg.get("name") or source
-            raise DataError(
-                f"data: the corpus at '{where}' has {len(docs)} documents and none fell in the {split} "
-                f"split; give it more text or raise data.val_fraction"
-            )
+    where = data_cfg.get("path") or data_cfg.get("name") or source
+    if len(docs) < 2:
+        raise DataError(f"data: the corpus at '{where}' is one document; a val split needs two: give it "
+                        f"more text (a file is cut into blocks of {BLOCK_BYTES} bytes)")  # fmt: skip
+    if not by_split["val"] and len(by_split["train"]) > 1:
+        # A small corpus the hash left without val (a 40-block book at val_fraction 0.02 is, one
+        # time in three): its train document nearest the val range goes there. Still decided by the
+        # keys alone; it returns to train once others fall in val.
+        first = min(by_split["train"], key=lambda d: _position(d.key))
+        by_split["train"].remove(first)
+        by_split["val"].append(first)
+    if not by_split["train"]:
+        raise DataError(f"data: none of the {len(docs)} documents of '{where}' fell in the train split; "
+                        f"lower data.val_fraction={val_f} and data.test_fraction={test_f}")  # fmt: skip
 
     corpus_id = _fingerprint(docs, {"source": source, "val": val_f, "test": test_f, "format": CACHE_FORMAT})
     cache = Path(os.path.expanduser(data_cfg.cache_dir)) / corpus_id
@@ -318,6 +393,10 @@ class LMDataModule(L.LightningDataModule):
             shortest = min(len(corpus.tokens["train"]) - 2, len(corpus.tokens["val"]) - 1)
             require(self.cfg.seq_len <= shortest, "data.seq_len", self.cfg.seq_len,
                     f"at most {shortest} (the train and validation splits' tokens)")  # fmt: skip
+            held = (len(corpus.tokens["val"]) - 1) // self.cfg.seq_len * self.cfg.seq_len
+            if self.cfg.val_tokens > held and rank_zero_only.rank == 0:
+                print(f"data.val_tokens={self.cfg.val_tokens} is more than the val split holds: "
+                      f"evaluating on all of it, {held} tokens")  # fmt: skip
             self.corpus = corpus
         return self.corpus
 

@@ -87,6 +87,59 @@ def test_single_file_is_cut_into_blocks(tmp_path):
     assert len(corpus.tokens["val"]) > 0
 
 
+def test_large_files_of_a_folder_split_by_block_and_a_renamed_file_keeps_its_val_set(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "five"
+    folder.mkdir()
+    for i in range(5):  # a few large files: as whole documents, none would fall in val
+        words = rng.choice(["tide", "flat", "heron", "mud", "salt", "reed"], size=40_000)
+        (folder / f"part{i}.txt").write_text(" ".join(words))
+    cfg = data_cfg(tmp_path, source="text", path=str(folder))
+    corpus = tokenize_corpus(cfg, log=lambda _: None)
+    assert len(corpus.tokens["val"]) > 0
+    assert sum(len(t) for t in corpus.tokens.values()) == sum(p.stat().st_size for p in folder.iterdir())
+
+    one, renamed = tmp_path / "book.txt", tmp_path / "copy of book.txt"
+    one.write_text((folder / "part0.txt").read_text())
+    renamed.write_text(one.read_text())
+    val = [tokenize_corpus(data_cfg(tmp_path, source="text", path=str(p)), log=lambda _: None).tokens["val"]
+           for p in (one, renamed)]  # fmt: skip
+    np.testing.assert_array_equal(val[0], val[1])
+
+
+def test_a_folder_skips_hidden_paths_and_binary_files_and_says_so(tmp_path, text_folder):
+    (text_folder / ".git" / "objects").mkdir(parents=True)
+    (text_folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (text_folder / ".git" / "objects" / "ab12").write_bytes(b"x\x01blob")
+    (text_folder / "figure.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 10)
+    said = []
+    corpus = tokenize_corpus(
+        data_cfg(tmp_path, source="text", path=str(text_folder), val_fraction=0.2), said.append
+    )
+    text_bytes = sum(p.stat().st_size for p in text_folder.glob("doc*.txt"))
+    assert sum(len(t) for t in corpus.tokens.values()) == text_bytes
+    assert f"data.path='{text_folder}': skipped 2 hidden and 1 binary file(s) of 63" in said
+
+
+def test_bits_per_byte_count_the_raw_bytes_of_invalid_utf8_under_bpe(tmp_path, text_folder):
+    cfg = data_cfg(tmp_path, source="text", path=str(text_folder), tokenizer="bpe", bpe_vocab_size=300,
+                   val_fraction=0.2)  # fmt: skip
+    tokenize_corpus(cfg, log=lambda _: None)
+    tok = D.BPETokenizer.load(next((tmp_path / "cache").glob("*/bpe300.json")))
+    raw = "Plain prose, é and ü. ".encode() + b"\xff\xfe\xc3(\x80abc\xe2\x82" + b" more prose."
+    ids = tok.encode(raw)
+    assert tok.token_bytes()[ids].sum() == len(raw)  # replaced by U+FFFD, 7 raw bytes would count 11
+    chars = D._byte_chars()
+    back = {c: b for b, c in enumerate(chars)}
+    assert bytes(back[c] for i in ids for c in tok.tokenizer.id_to_token(int(i))) == raw  # lossless
+    # The alphabet is the library's, byte for byte.
+    from tokenizers import pre_tokenizers
+
+    assert set(chars) == set(pre_tokenizers.ByteLevel.alphabet())
+    text = "Plain prose, é and ü."
+    assert "".join(tok.tokenizer.encode(text).tokens) == "".join(chars[b] for b in text.encode())
+
+
 def test_hf_dataset_from_a_local_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -105,7 +158,10 @@ def test_bad_paths_and_empty_corpora_fail_in_one_line(tmp_path):
     cases = {
         "missing": (data_cfg(tmp_path, source="text", path=str(tmp_path / "nope")), "does not exist"),
         "empty": (data_cfg(tmp_path, source="text", path=str(tmp_path / "empty")), "holds no text"),
-        "tiny": (data_cfg(tmp_path, source="text", path=str(tmp_path / "one")), "none fell in the val split"),
+        "tiny": (
+            data_cfg(tmp_path, source="text", path=str(tmp_path / "one")),
+            "is one document; a val split",
+        ),
         "source": (data_cfg(tmp_path, source="web"), "data.source='web'"),
     }
     (tmp_path / "empty").mkdir()
@@ -136,3 +192,16 @@ def test_eval_windows_are_fixed_and_cover_the_split_start():
     batches = eval_windows(tokens, seq_len=10, batch_size=4, max_tokens=100)
     windows = np.concatenate([b.numpy() for b in batches])
     assert windows.shape == (10, 11) and windows[0, 0] == 0 and windows[1, 0] == 10
+
+
+def test_val_tokens_beyond_the_val_split_are_capped_and_said_once(tmp_path, text_folder, capsys):
+    cfg = data_cfg(tmp_path, source="text", path=str(text_folder), val_fraction=0.2, seq_len=32,
+                   val_tokens=10**9)  # fmt: skip
+    module = D.LMDataModule(cfg, seed=0)
+    module.prepare()
+    module.prepare()
+    held = (len(module.corpus.tokens["val"]) - 1) // 32 * 32
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data.val_tokens")]
+    assert said == [f"data.val_tokens=1000000000 is more than the val split holds: evaluating on all of it, "
+                    f"{held} tokens"]  # fmt: skip
+    assert sum(b.shape[0] for b in eval_windows(module.corpus.tokens["val"], 32, 2, 10**9)) * 32 == held
