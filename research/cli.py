@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from research.errors import TrackingError, TrainingDiverged
 
@@ -35,6 +35,19 @@ USER_ERRORS = (ValueError, TrackingError, FileNotFoundError)
 def one_line(e: BaseException) -> str:
     """An error as one line; Hydra's composition errors lose their search-path listing."""
     return " ".join(str(e).split()).split(" Config search path")[0]
+
+
+def found_files() -> str:
+    """``lab train --help``'s lines for what Hydra's own listing cannot see: the Slurm profiles and
+    grid files of the working folder and of the project (they join the search path per call)."""
+    from research.grid import named_files
+
+    profiles, grids = ", ".join(["local", *named_files("cluster")]), ", ".join(named_files("ablations"))
+    return (f"cluster (a Slurm profile, ./cluster/NAME.yaml): {profiles}\n"
+            f"ablations (a grid, run by lab grid NAME): {grids}")  # fmt: skip
+
+
+OmegaConf.register_new_resolver("lab_found", found_files, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -107,9 +120,37 @@ def checked_config(overrides: list[str]) -> DictConfig:
     typo or an impossible spec fails before Hydra starts any job."""
     from research.grid import compose_run
 
-    cfg = compose_run(first_job(overrides))
+    job = first_job(overrides)
+    refuse_unread_additions(job)
+    cfg = compose_run(job)
     check(cfg)
     return cfg
+
+
+def refuse_unread_additions(overrides: list[str]) -> None:
+    """``+key=value`` adds a key; one that no config has and no group names is read by nothing, and
+    a run with it would silently train without it (Hydra's own typo hint suggests the ``+``)."""
+    import difflib
+
+    from research.grid import compose_run
+
+    added = [o for o in overrides if o.startswith("+") and not o.startswith("++") and "=" in o]
+    if not added:
+        return
+    base = compose_run([o for o in overrides if o not in added])
+    groups = {p.name for p in (Path(__file__).parent / "conf").iterdir() if p.is_dir()} | {"ablations"}
+    known = [*groups, *(k for k in OmegaConf.to_container(base) if isinstance(k, str))]
+    for o in added:
+        key = o[1:].split("=", 1)[0]
+        if key in groups or OmegaConf.select(base, key, default=None) is not None:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(base, parent, default=None) if parent else None
+        choices = list(node) if isinstance(node, DictConfig) else [] if parent else known
+        close = difflib.get_close_matches(leaf, [str(c) for c in choices], n=1)
+        value, prefix = o.split("=", 1)[1], f"{parent}." if parent else ""
+        hint = f"; did you mean {prefix}{close[0]}={value}?" if close else ""
+        raise ValueError(f"{o} adds a key that nothing reads{hint}")
 
 
 def check(cfg: DictConfig) -> None:
@@ -286,8 +327,6 @@ def _compare(rest: list[str]) -> None:
 def _sweep(rest: list[str]) -> None:
     import argparse
 
-    from research import sweep
-
     parser = argparse.ArgumentParser(
         prog="lab sweep", description="Run or resume an Optuna study from sweeps/."
     )
@@ -300,8 +339,12 @@ def _sweep(rest: list[str]) -> None:
     parser.add_argument("--list", action="store_true", help="list the studies and exit")
     args, overrides = parser.parse_known_args(rest)
     if args.list or not args.name:
-        print("studies: " + ", ".join(sweep.available()))
+        from research.grid import named_files  # not research.sweep: listing needs no Optuna or torch
+
+        print("studies: " + ", ".join(named_files("sweeps")))
         return
+    from research import sweep
+
     try:
         spec = sweep.load_spec(args.name, overrides, args.trials, args.storage)
     except Exception as e:

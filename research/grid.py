@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from components.registry import require, spec_error
-from research import ownership, tracking
+from research import ownership
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,15 @@ def searchpath_override() -> str:
     return "hydra.searchpath=[" + ",".join(f"file://{r}" for r in search_roots()) + "]"
 
 
+def named_files(folder: str) -> list[str]:
+    """The names of the YAML files in ``folder/`` of the working folder and of the project."""
+    return sorted(
+        {p.stem for r in dict.fromkeys([Path.cwd(), REPO_ROOT]) for p in (r / folder).glob("*.yaml")}
+    )
+
+
 def available() -> list[str]:
-    return sorted({p.stem for r in search_roots() for p in (r / "ablations").glob("*.yaml")})
+    return named_files("ablations")
 
 
 def compose_run(overrides: list[str]) -> DictConfig:
@@ -95,6 +102,8 @@ def arms(cfg: DictConfig) -> dict[str, list[str]]:
 
 def expand(name: str, cfg: DictConfig, overrides: list[str]) -> list[Job]:
     """Every arm times every seed; the command line's overrides apply to all of them, last."""
+    from research import tracking  # with Lightning: imported only once a grid runs, not to list
+
     seeds = list(cfg.grid.get("seeds") or [cfg.seed])
     base = tracking.config_hash(cfg)  # the launch's config without any arm: what its arms share
     jobs = []
@@ -107,6 +116,8 @@ def expand(name: str, cfg: DictConfig, overrides: list[str]) -> list[Job]:
 
 
 def job_hash(job: Job) -> str:
+    from research import tracking
+
     return tracking.config_hash(compose_run(job.overrides))
 
 
@@ -118,7 +129,7 @@ def _previous_runs(uri: str, experiment: str, root: Path) -> tuple[set[str], dic
     RUNNING one; a run whose folder's owner still trains it stops the relaunch."""
     from mlflow import MlflowClient
 
-    from research import preemption
+    from research import preemption, tracking
 
     client = MlflowClient(tracking_uri=uri)
     exp_id = tracking.ensure_experiment(uri, experiment)  # create store + experiment before any job
@@ -292,6 +303,8 @@ def _record_failure(cfg: DictConfig, job: Job, returncode: int) -> None:
     it for it; one that failed before its MLflow run existed gets a FAILED run with the reason, so
     the comparison lists it instead of leaving its arm silently short."""
     from mlflow import MlflowClient
+
+    from research import tracking
 
     uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
     client = MlflowClient(tracking_uri=uri)

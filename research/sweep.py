@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from components.registry import require, spec_error
 from research import metrics as M
 from research import preemption, slurm
-from research.grid import REPO_ROOT, compose_run
+from research.grid import REPO_ROOT, compose_run, named_files
 from research.redaction import redact
 from research.slurm_entry import SlurmEntry
 
@@ -46,7 +46,7 @@ def sweep_dirs() -> list[Path]:
 
 
 def available() -> list[str]:
-    return sorted({p.stem for d in sweep_dirs() for p in d.glob("*.yaml")})
+    return named_files("sweeps")
 
 
 @dataclass

@@ -145,6 +145,26 @@ def test_hydra_conventions(tmp_path):
     assert "ablation: quick" in quick.stdout and "baseline: attention=mha ffn=dense" in quick.stdout
 
 
+def test_help_lists_the_profiles_and_grids_found_and_an_added_key_nothing_reads_is_refused(tmp_path):
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cluster" / "mysite.yaml").write_text("defaults: [slurm_h100, _self_]\nname: mysite\n")
+    helptext = lab(tmp_path, "--help")
+    assert (
+        "cluster (a Slurm profile, ./cluster/NAME.yaml): local, mysite, slurm_h100, slurm_local"
+        in helptext.stdout
+    )
+    assert "ablations (a grid, run by lab grid NAME): attention, balance," in helptext.stdout
+    # Hydra's own hint for a typo is to add the key with +: it would train, the key read by nothing.
+    typo = lab(tmp_path, *TINY, "+atention=mla")
+    assert typo.returncode == 2
+    assert (
+        error_line(typo) == "error: +atention=mla adds a key that nothing reads; did you mean attention=mla?"
+    )
+    nested = lab(tmp_path, *TINY, "+trainer.max_step=3")
+    assert error_line(nested).endswith("did you mean trainer.max_steps=3?")
+    assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "outputs").exists()
+
+
 def test_text_and_hf_data_train(tmp_path):
     import json
 
