@@ -17,12 +17,30 @@ import torch
 from components.registry import require, spec_error
 from research.model import ModelConfig, Transformer
 
+YARN_REFUSED = (
+    "'default': YaRN is not implemented, and it changes RoPE's frequencies and the attention scale at "
+    "every length, so weights trained with it (the released V3) would not compute what they learnt; "
+    "import a config without rope_scaling (a model of V3's architecture at your own size)"
+)
 
-def config_from_hf_deepseek_v3(hf: Mapping[str, Any]) -> ModelConfig:
-    """Translate a DeepseekV3 ``config.json`` mapping into a ``ModelConfig``."""
+
+def _as_mapping(config: Mapping[str, Any] | Any) -> Mapping[str, Any]:
+    """A ``config.json`` mapping, or a transformers ``DeepseekV3Config`` (its ``to_dict()``)."""
+    if isinstance(config, Mapping):
+        return config
+    if callable(getattr(config, "to_dict", None)):
+        return config.to_dict()
+    raise spec_error(
+        "config", type(config).__name__, "a config.json mapping or a transformers DeepseekV3Config"
+    )
+
+
+def config_from_hf_deepseek_v3(hf: Mapping[str, Any] | Any) -> ModelConfig:
+    """Translate a DeepseekV3 ``config.json`` mapping (or ``DeepseekV3Config``) into a ``ModelConfig``."""
+    hf = _as_mapping(hf)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    require(rope_type == "default", "rope_scaling.type", rope_type, "'default' (YaRN is not implemented)")
+    require(rope_type == "default", "rope_scaling.type", rope_type, YARN_REFUSED)
     require(not hf.get("attention_bias", False), "attention_bias", hf.get("attention_bias"), "False")
     require(hf.get("hidden_act", "silu") == "silu", "hidden_act", hf.get("hidden_act"), "'silu'")
     attention = {
@@ -137,8 +155,12 @@ def _convert_layer(
         out[prefix + "ffn.experts.w_down"] = down.transpose(1, 2)
 
 
-def from_hf_deepseek_v3(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Transformer:
-    """Build our model from a DeepseekV3 ``config.json`` mapping and its (transformers) state dict."""
+def from_hf_deepseek_v3(
+    config: Mapping[str, Any] | Any, state_dict: Mapping[str, torch.Tensor]
+) -> Transformer:
+    """Build our model from a DeepseekV3 ``config.json`` mapping (or ``DeepseekV3Config``) and its
+    (transformers) state dict."""
+    config = _as_mapping(config)
     cfg = config_from_hf_deepseek_v3(config)
     interleaved = bool(config.get("rope_interleave", True))
     layers: dict[int, dict[str, torch.Tensor]] = {}

@@ -80,7 +80,7 @@ def test_per_expert_checkpoint_layout_loads_the_same():
             sd[f"{p}{e}.gate_proj.weight"], sd[f"{p}{e}.up_proj.weight"] = gate[e], up[e]
             sd[f"{p}{e}.down_proj.weight"] = down[e]
     fused = from_hf_deepseek_v3(hf_cfg.to_dict(), hf.state_dict()).eval()
-    split = from_hf_deepseek_v3(hf_cfg.to_dict(), sd).eval()
+    split = from_hf_deepseek_v3(hf_cfg, sd).eval()  # the config object itself, as transformers gives it
     idx = torch.randint(0, hf_cfg.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(split(idx).logits, fused(idx).logits, rtol=0, atol=0)
@@ -95,5 +95,7 @@ def test_unknown_weight_and_yarn_are_refused():
         from_hf_deepseek_v3(hf_cfg.to_dict(), sd)
     cfg = hf_cfg.to_dict()
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
-    with pytest.raises(ValueError, match=r"rope_scaling\.type"):
+    with pytest.raises(ValueError, match=r"rope_scaling\.type='yarn' .*import a config without rope_scaling"):
         from_hf_deepseek_v3(cfg, hf.state_dict())
+    with pytest.raises(ValueError, match=r"config='list' is not allowed"):
+        from_hf_deepseek_v3([], hf.state_dict())
