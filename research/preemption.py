@@ -15,8 +15,11 @@ submitit's checkpointing sees only the submitted function, not the trainer's sta
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import signal
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +102,18 @@ def read_checkpoint(path: Path) -> dict:
     objects, and ``train()`` has Lightning load them the same way."""
     path = Path(path)
     target = path / DEEPSPEED_STATES if path.is_dir() else path
-    ckpt = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
+    if not zipfile.is_zipfile(target):  # torch.save's format; torch's own error names mmap options
+        raise ValueError("not a checkpoint (corrupt or truncated)")
+    try:
+        ckpt = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's wording for the callable it refused
+        what = f" ({refused[1]})" if refused else ""
+        raise ValueError(f"it holds objects that could run code{what}: refused, not run") from None
+    except RuntimeError as e:  # torch's reader: the cause is its first sentence
+        raise ValueError(f"not a checkpoint (corrupt or truncated): {str(e).split('. ')[0]}") from None
     if not isinstance(ckpt, dict) or not ({"state_dict", "global_step"} & set(ckpt)):
-        raise ValueError(f"{path} is not a Lightning checkpoint")
+        raise ValueError("not a Lightning checkpoint (no state_dict or global_step)")
     return ckpt
 
 

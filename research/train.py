@@ -57,10 +57,9 @@ def find_checkpoint(resume: str) -> Resume:
         raise CheckpointError(f"resume='{resume}': no checkpoint at {path}")
     try:
         ckpt = preemption.read_checkpoint(path)
-    except Exception as e:
-        raise CheckpointError(
-            f"resume='{resume}' is not a readable checkpoint: {' '.join(str(e).split())[:200]}"
-        ) from e
+    except Exception as e:  # read_checkpoint's own are one line; anything else is cut to its first
+        reason = str(e) if isinstance(e, ValueError) else " ".join(str(e).split()).split(". ")[0]
+        raise CheckpointError(f"resume='{resume}' is not a readable checkpoint: {reason}") from e
     return Resume(path, ckpt.get("mlflow_run_id"), ckpt.get("config_hash"))
 
 

@@ -120,7 +120,9 @@ def test_bad_input_fails_in_one_line_before_training_and_loses_nothing(tmp_path,
     assert error_line(dead_server).startswith("error: tracking.uri='http://127.0.0.1:9' is unreachable")
     (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint at all")
     corrupt = lab(tmp_path, *TINY, "resume=corrupt.ckpt")
-    assert error_line(corrupt).startswith("error: resume='corrupt.ckpt' is not a readable checkpoint")
+    assert error_line(corrupt) == (
+        "error: resume='corrupt.ckpt' is not a readable checkpoint: not a checkpoint (corrupt or truncated)"
+    )
     missing = lab(tmp_path, *TINY, "resume=nowhere")
     assert "no checkpoint" in error_line(missing)
 
@@ -220,7 +222,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     planted = tmp_path / "planted.ckpt"
     torch.save({"state_dict": {}, "global_step": 1, "x": _Payload(str(marker))}, planted)
     proc = lab(tmp_path, *TINY, f"resume={planted}")
-    assert error_line(proc).startswith(f"error: resume='{planted}' is not a readable checkpoint")
+    assert error_line(proc) == (
+        f"error: resume='{planted}' is not a readable checkpoint: it holds objects that could run code "
+        f"(io.open): refused, not run"
+    )
     assert proc.returncode == 2 and not marker.exists()
     assert runs(tmp_path) == []  # refused before any run was recorded
 
