@@ -72,6 +72,15 @@ def on_log_step(trainer: L.Trainer) -> bool:
     return trainer.global_step % trainer.log_every_n_steps == 0
 
 
+def log_evaluation(pl_module: L.LightningModule, values: dict[str, float]) -> None:
+    """An evaluation's metrics at the number of steps trained. Lightning's own logging puts one run
+    inside fit at that number minus one, and one after fit (``trainer.validate``) at the number:
+    the curves of one run would not line up. ``self.log`` still feeds ``callback_metrics``."""
+    pl_module.log_dict(values, logger=False, prog_bar=True, sync_dist=False)  # already all-reduced
+    for logger in pl_module.trainer.loggers:
+        logger.log_metrics(values, step=pl_module.trainer.global_step)
+
+
 def send_step_metrics(trainer: L.Trainer) -> None:
     """Send this training step's metrics to the loggers now. Lightning sends them only after every
     ``on_train_batch_end`` hook, so a checkpoint written in one of them is ahead of its own step's
@@ -199,7 +208,7 @@ class MoEMonitor(L.Callback):
         loads = [trainer.strategy.reduce(load, reduce_op="sum") for load in self._loads]
         self.global_loads = torch.stack(loads).cpu()  # [layers, experts], for load heatmaps
         maxvio = [max_violation(load) for load in loads]
-        pl_module.log(M.MAXVIO_GLOBAL, sum(maxvio) / len(maxvio))
+        log_evaluation(pl_module, {M.MAXVIO_GLOBAL: sum(maxvio) / len(maxvio)})
         last = trainer.global_step >= trainer.max_steps  # the run's final evaluation
         for (name, m), load, value in zip(self._layers(pl_module).items(), loads, maxvio, strict=True):
             E, K = m.router.n_experts, m.router.top_k

@@ -13,6 +13,7 @@ from components.linear import LinearFactory, make_linear
 from components.moe import GroupedExperts
 from research import metrics as M
 from research import speed
+from research.callbacks import log_evaluation
 from research.model import ModelConfig, Transformer
 from research.optim import MasterAdamW
 
@@ -138,8 +139,7 @@ class LitLM(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         nats, tokens, n_bytes = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
-        self.log(M.VAL_LOSS, nats / tokens, sync_dist=False)
-        self.log(M.VAL_BPB, nats / math.log(2) / n_bytes, prog_bar=True, sync_dist=False)
+        log_evaluation(self, {M.VAL_LOSS: nats / tokens, M.VAL_BPB: nats / math.log(2) / n_bytes})
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,

@@ -56,7 +56,7 @@ def test_every_choice_of_an_axis_gives_a_finished_run_with_its_metrics(tmp_path,
 
 
 def test_run_records_config_params_and_artifact(tmp_path, shared_cache):
-    proc = lab(tmp_path, *TINY, "attention=gqa", "ablation=demo")
+    proc = lab(tmp_path, *TINY, "attention=gqa", "ablation=demo", "trainer.max_steps=5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = runs(tmp_path, "demo")
     p = run.data.params
@@ -69,7 +69,8 @@ def test_run_records_config_params_and_artifact(tmp_path, shared_cache):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml", "expert_load.json"]
-    assert history(tmp_path, run.info.run_id, M.VAL_BPB)[-1][0] == 3  # evaluated at the last step
+    # Evaluations at the number of steps trained, inside fit (2, 4) and after it (5) alike
+    assert [s for s, _ in history(tmp_path, run.info.run_id, M.VAL_BPB)] == [2, 4, 5]
     assert history(tmp_path, run.info.run_id, M.KV_CACHE_BYTES_PER_TOKEN) == [(0, 2 * 2 * 2 * 16 * 4)]
 
 
