@@ -327,6 +327,14 @@ def plot_pareto(summaries: list[ArmSummary], path: Path) -> Path | None:
     return path
 
 
+def load_ratios(loads: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    """Each expert's load over its layer's mean ([layers, experts] per arm), and the top of the one
+    colour scale for all arms: the largest ratio seen, at least 2. A fixed cap would paint a
+    collapsed layer (E/K times the mean) like a mildly uneven one."""
+    ratios = {arm: load / np.maximum(load.mean(1, keepdims=True), 1e-12) for arm, load in loads.items()}
+    return ratios, max(2.0, *(float(r.max()) for r in ratios.values()))
+
+
 def plot_expert_loads(uri: str, runs: list[RunRecord], path: Path) -> Path | None:
     """One heatmap per MoE arm: the share of routed tokens each expert got, per layer (validation)."""
     import matplotlib.pyplot as plt
@@ -347,12 +355,16 @@ def plot_expert_loads(uri: str, runs: list[RunRecord], path: Path) -> Path | Non
             loads[r.arm] = np.array(json.loads(Path(local).read_text())["loads"], dtype=float)
     if not loads:
         return None
+    from matplotlib.colors import TwoSlopeNorm
+
+    ratios, top = load_ratios(loads)
+    norm = TwoSlopeNorm(vmin=0, vcenter=1, vmax=top)
     fig, axes = plt.subplots(len(loads), 1, figsize=(8, 1.2 + 1.6 * len(loads)), squeeze=False)
-    for ax, (arm, load) in zip(axes[:, 0], loads.items(), strict=True):
-        share = load / np.maximum(load.sum(1, keepdims=True), 1)
-        im = ax.imshow(share * load.shape[1], aspect="auto", cmap="RdBu_r", vmin=0, vmax=2)
-        ax.set(title=f"{arm}: expert load / mean (1 = balanced)", xlabel="expert", ylabel="MoE layer")
-        ax.set_yticks(range(load.shape[0]))
+    for ax, (arm, ratio) in zip(axes[:, 0], ratios.items(), strict=True):
+        im = ax.imshow(ratio, aspect="auto", cmap="RdBu_r", norm=norm)
+        ax.set(title=f"{arm}: expert load / mean (1 = balanced, max {ratio.max():.2f})", xlabel="expert",
+               ylabel="MoE layer")  # fmt: skip
+        ax.set_yticks(range(ratio.shape[0]))
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -206,10 +206,11 @@ def submit_run(cfg: DictConfig, overrides: list[str]) -> None:
     if job.run_dir != grid_dir / "0":
         print(f"resuming the unfinished run in {job.run_dir} from its checkpoint")
     tokenize_corpus(cfg.data)
-    _submit(cfg, cfg.ablation, [job], grid_dir, wait=False)
+    _submit(cfg, cfg.ablation, [job], grid_dir, wait=False, kind="run")
 
 
-def _submit(cfg: DictConfig, name: str, todo: list[Job], grid_dir: Path, wait: bool) -> list[str]:
+def _submit(cfg: DictConfig, name: str, todo: list[Job], grid_dir: Path, wait: bool,
+            kind: str = "grid") -> list[str]:  # fmt: skip
     from research import slurm
     from research.slurm_entry import SlurmEntry
 
@@ -229,7 +230,7 @@ def _submit(cfg: DictConfig, name: str, todo: list[Job], grid_dir: Path, wait: b
         slurm.Submitted(int(p), f"{j.arm} seed={j.seed}", a.job_id, str(j.run_dir), str(a.paths.stdout))
         for p, j, a in zip(positions, todo, array, strict=True)
     ]
-    record = slurm.write_record(grid_dir, "grid", cfg.ablation, cfg.cluster.name, submitted)
+    record = slurm.write_record(grid_dir, kind, cfg.ablation, cfg.cluster.name, submitted)
     print(f"submitted job array {array[0].job_id.split('_')[0]} ({len(todo)} runs, "
           f"{cfg.cluster.array_parallelism} at a time) on '{cfg.cluster.name}'; record {record}; "
           f"see `lab status {cfg.ablation}`")  # fmt: skip

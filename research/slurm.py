@@ -242,23 +242,31 @@ def wait(job_ids: list[str], poll_s: float = 3.0) -> dict[str, str]:
             time.sleep(poll_s)
 
 
+def current_records(name: str) -> list[dict[str, Any]]:
+    """What ``lab status NAME`` shows: a grid's or sweep's newest submission (a relaunch submits
+    what is left of the same runs), or every ``lab train cluster=...`` submission of ablation
+    ``name`` (each its own run), oldest first."""
+    records = [json.loads(p.read_text()) for p in find_records(name)]
+    require(bool(records), "name", name, "a grid or sweep submitted to Slurm (no multirun/NAME/*/jobs.json)")
+    if records[-1]["kind"] == "run":
+        return [r for r in records if r["kind"] == "run"]
+    return records[-1:]
+
+
 def status(name: str, uri: str | None = None) -> list[dict[str, str]]:
-    """The newest submission of grid or sweep ``name``: each job's Slurm state and MLflow run."""
+    """Each job of ``current_records(name)``: its Slurm state and MLflow run."""
     from mlflow import MlflowClient
 
-    records = find_records(name)
-    require(bool(records), "name", name, "a grid or sweep submitted to Slurm (no multirun/NAME/*/jobs.json)")
-    record = json.loads(records[-1].read_text())
-    jobs = [Submitted(**j) for j in record["jobs"]]
-    states = job_states([j.job_id for j in jobs])
+    jobs = [(record["kind"], Submitted(**j)) for record in current_records(name) for j in record["jobs"]]
+    states = job_states([j.job_id for _, j in jobs])
     client = MlflowClient(tracking_uri=uri or "sqlite:///mlruns.db")
     experiments = [e.experiment_id for e in client.search_experiments()]
     rows = []
-    for j in jobs:
+    for kind, j in jobs:
         query = (
-            f"tags.run_dir = '{Path(j.run_dir).resolve()}'"
-            if record["kind"] == "grid"
-            else f"tags.`slurm.job_id` = '{j.job_id}'"
+            f"tags.`slurm.job_id` = '{j.job_id}'"
+            if kind == "sweep"
+            else f"tags.run_dir = '{Path(j.run_dir).resolve()}'"
         )
         runs = client.search_runs(experiments, query)
         rows.append({"job": j.job_id, "what": j.label, "state": states.get(j.job_id, "UNKNOWN"),
@@ -272,7 +280,13 @@ def print_status(name: str, uri: str | None = None) -> None:
     from rich.table import Table
 
     rows = status(name, uri)
-    table = Table(title=f"{name}: {find_records(name)[-1].parent}")
+    shown = current_records(name)
+    title = (
+        f"{name}: {len(shown)} submissions of one run each"
+        if len(shown) > 1
+        else f"{name}: {shown[0]['submitted']}"
+    )
+    table = Table(title=title)
     for column in ("job", "what", "state", "runs", "log"):
         table.add_column(column, overflow="fold")
     for row in rows:

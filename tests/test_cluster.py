@@ -417,6 +417,15 @@ def test_one_lab_train_with_a_slurm_profile_becomes_a_job(tmp_path, shared_cache
         time.sleep(2)
     (run,) = grid_runs(tmp_path, "single")
     assert run.info.status == "FINISHED" and run.data.tags["slurm.job_id"]
+    second = lab(tmp_path, *TINY, "cluster=slurm_local", "ablation=single", "seed=1")
+    assert second.returncode == 0, second.stderr[-2000:]
+    jobs = [j["job_id"] for p in sorted((tmp_path / "multirun" / "single").glob("*/jobs.json"))
+            for j in json.loads(p.read_text())["jobs"]]  # fmt: skip
+    assert len(jobs) == 2
+    wait(jobs)
+    shown = run_lab(tmp_path, "status", "single")  # every run submitted, not only the newest
+    assert shown.returncode == 0 and "2 runs submitted one by one" in shown.stdout, shown.stdout
+    assert all(job in shown.stdout for job in jobs) and shown.stdout.count("FINISHED") == 2
     several = lab(tmp_path, "-m", "seed=0,1", *TINY, "cluster=slurm_local")
     assert error_line(several) == "error: several runs on Slurm go in a grid: lab grid NAME cluster=PROFILE"
 

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from scipy import stats
 
 from research import metrics as M
-from research.compare import REPORT_TAG, compare, welch
+from research.compare import REPORT_TAG, compare, load_ratios, welch
 from tests.cli_helpers import run_lab, runs
 
 TINY_GRID = """\
@@ -211,6 +211,15 @@ def test_unknown_grid_and_bad_where_fail_in_one_line(tmp_path):
     )
     proc = run_lab(tmp_path, "compare", "x", "--where", "model.name")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --where 'model.name' is not KEY=VALUE"
+
+
+def test_the_expert_load_scale_reaches_a_collapsed_layer():
+    balanced = np.full((2, 8), 100.0)
+    collapsed = np.array([[400.0, 400.0, 0, 0, 0, 0, 0, 0], [100.0] * 8])  # top-2 of 8: 4x the mean
+    ratios, top = load_ratios({"even": balanced, "collapsed": collapsed})
+    np.testing.assert_allclose(ratios["even"], 1.0)
+    assert ratios["collapsed"][0, 0] == 4.0 and top == 4.0  # not clipped at 2
+    assert load_ratios({"even": balanced})[1] == 2.0
 
 
 def test_welch_interval():
