@@ -14,6 +14,7 @@ latest run of each (arm, seed), and produces
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -475,16 +476,28 @@ def compare(experiments: list[str], uri: str = "sqlite:///mlruns.db", where: dic
         print("\n".join(notes))
         print(f"report: {out}/report.html")
     if log_to_mlflow:
-        _log_report(uri, experiments[0], out, title)
+        _log_report(uri, experiments[0], out, title, [r.run_id for r in runs])
     return Report(out, summaries, runs)
 
 
-def _log_report(uri: str, experiment: str, folder: Path, title: str) -> None:
+REPORT_OF_TAG = "lab.report_of"  # a hash of the compared runs' ids: one report run per comparison
+
+
+def _log_report(uri: str, experiment: str, folder: Path, title: str, run_ids: list[str]) -> None:
+    """The report as a run of the experiment: the same runs compared again (a relaunch that ran
+    nothing new, a second ``lab compare``) update their report run instead of adding one."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    run = client.create_run(exp.experiment_id, run_name=f"report {folder.name}", tags={REPORT_TAG: "report"})
-    client.log_artifacts(run.info.run_id, str(folder))
-    client.set_tag(run.info.run_id, "mlflow.note.content", title)
-    client.set_terminated(run.info.run_id, "FINISHED")
+    of = hashlib.sha256(f"{title}\n{','.join(sorted(run_ids))}".encode()).hexdigest()[:16]
+    found = client.search_runs([exp.experiment_id], f"tags.`{REPORT_OF_TAG}` = '{of}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.set_tag(run_id, "mlflow.runName", f"report {folder.name}")
+    else:
+        tags = {REPORT_TAG: "report", REPORT_OF_TAG: of}
+        run_id = client.create_run(exp.experiment_id, run_name=f"report {folder.name}", tags=tags).info.run_id
+    client.log_artifacts(run_id, str(folder))
+    client.set_tag(run_id, "mlflow.note.content", title)
+    client.set_terminated(run_id, "FINISHED")

@@ -107,6 +107,9 @@ def test_compare_filters_and_logs_the_report_to_mlflow(grid_2x2, tmp_path):
     exp = client.get_experiment_by_name("g2x2")
     reports = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(REPORT_TAG) == "report"]
     assert reports and "report.html" in {a.path for a in client.list_artifacts(reports[0].info.run_id)}
+    compare(["g2x2"], uri=uri, where={"attention.name": "mla"}, out=tmp_path / "mla again", show=False)
+    again = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(REPORT_TAG) == "report"]
+    assert len(again) == len(reports)  # the same runs compared again: their report run, updated
     with pytest.raises(ValueError, match="no MLflow experiment 'nope'"):
         compare(["nope"], uri=uri, show=False)
 
