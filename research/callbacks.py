@@ -290,30 +290,32 @@ class ProgressLines(L.Callback):
 
     def __init__(self, every: int, stream: Any = None):
         self.every, self.stream = every, stream
-        self._start: float | None = None
-        self._start_step = 0
+        self._mark: tuple[float, int] | None = None  # (time, step) of the previous line
 
     def _print(self, trainer: L.Trainer, line: str) -> None:
         if trainer.is_global_zero:
             print(line, file=self.stream or sys.stdout, flush=True)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start, self._start_step = time.perf_counter(), trainer.global_step  # a resume starts later
+        self._mark = (time.perf_counter(), trainer.global_step)  # a resume starts later
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
         step, total = trainer.global_step, trainer.max_steps
         if step % self.every and step != total:
             return
-        elapsed = time.perf_counter() - self._start
-        done = step - self._start_step
-        tokens_per_s = done * batch[:, 1:].numel() * trainer.world_size / elapsed
-        eta = elapsed / done * (total - step)
         loss = float(outputs["loss"])  # a GPU wait, once every `every` steps
+        # The rate since the previous line (or evaluation): compilation is soon out of it.
+        (then, then_step), now = self._mark, time.perf_counter()
+        self._mark = (now, step)
+        seconds_per_step = (now - then) / max(1, step - then_step)
+        tokens_per_s = batch[:, 1:].numel() * trainer.world_size / seconds_per_step
+        eta = seconds_per_step * (total - step)
         self._print(trainer, f"step {step}/{total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
                              f"ETA {_duration(eta)}")  # fmt: skip
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._mark = (time.perf_counter(), trainer.global_step)  # evaluation time is not training time
         bpb = trainer.callback_metrics.get(M.VAL_BPB)
         if bpb is not None:
             step = f"step {trainer.global_step}/{trainer.max_steps}"

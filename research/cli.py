@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -122,16 +123,38 @@ def checked_config(overrides: list[str]) -> DictConfig:
 
     job = first_job(overrides)
     refuse_unread_additions(job)
-    cfg = compose_run(job)
+    try:
+        cfg = compose_run(job)
+    except Exception as e:  # Hydra's hint for an unknown key is to add it with +: read by nothing
+        unknown = re.search(r"Could not override '([^']+)'", str(e))
+        override = next((o for o in job if unknown and o.split("=", 1)[0] == unknown[1]), None)
+        if override is None:
+            raise
+        raise ValueError(f"{override}: no such key{_did_you_mean(job, override)}") from None
     check(cfg)
     return cfg
+
+
+def _did_you_mean(overrides: list[str], override: str) -> str:
+    """'; did you mean KEY=VALUE?' with the nearest existing key of ``override``'s node, or ''."""
+    import difflib
+
+    from research.grid import compose_run
+
+    key, value = override.lstrip("+").split("=", 1)
+    base = compose_run([o for o in overrides if o != override])
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(base, parent, default=None) if parent else base
+    choices = [str(c) for c in node] if isinstance(node, DictConfig) else []
+    if not parent:
+        choices += [p.name for p in (Path(__file__).parent / "conf").iterdir() if p.is_dir()]
+    close = difflib.get_close_matches(leaf, choices, n=1)
+    return f"; did you mean {parent + '.' if parent else ''}{close[0]}={value}?" if close else ""
 
 
 def refuse_unread_additions(overrides: list[str]) -> None:
     """``+key=value`` adds a key; one that no config has and no group names is read by nothing, and
     a run with it would silently train without it (Hydra's own typo hint suggests the ``+``)."""
-    import difflib
-
     from research.grid import compose_run
 
     added = [o for o in overrides if o.startswith("+") and not o.startswith("++") and "=" in o]
@@ -139,18 +162,10 @@ def refuse_unread_additions(overrides: list[str]) -> None:
         return
     base = compose_run([o for o in overrides if o not in added])
     groups = {p.name for p in (Path(__file__).parent / "conf").iterdir() if p.is_dir()} | {"ablations"}
-    known = [*groups, *(k for k in OmegaConf.to_container(base) if isinstance(k, str))]
     for o in added:
         key = o[1:].split("=", 1)[0]
-        if key in groups or OmegaConf.select(base, key, default=None) is not None:
-            continue
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(base, parent, default=None) if parent else None
-        choices = list(node) if isinstance(node, DictConfig) else [] if parent else known
-        close = difflib.get_close_matches(leaf, [str(c) for c in choices], n=1)
-        value, prefix = o.split("=", 1)[1], f"{parent}." if parent else ""
-        hint = f"; did you mean {prefix}{close[0]}={value}?" if close else ""
-        raise ValueError(f"{o} adds a key that nothing reads{hint}")
+        if key not in groups and OmegaConf.select(base, key, default=None) is None:
+            raise ValueError(f"{o} adds a key that nothing reads{_did_you_mean(overrides, o)}")
 
 
 def check(cfg: DictConfig) -> None:
@@ -416,6 +431,9 @@ def quiet() -> None:
     )  # Lightning vs torch 2.13
     # Validation sums are all-reduced before they are logged (LitLM, MoEMonitor): no sync_dist needed.
     warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting")
+    # The batches are sliced from a memory-mapped array in the main process: workers would only copy.
+    warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
+    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)  # LOCAL_RANK: 0 - ...
     # Slurm's client tools being installed does not mean this run is meant to be a Slurm job.
     warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system")
 

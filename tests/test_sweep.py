@@ -142,7 +142,8 @@ BAD = {
         "error: pruner.name='median' is not allowed; allowed: none (Optuna prunes single-objective"),
     "key_no_config_has": (dict(space={"balance.gamm": {"type": "float", "low": 0.001, "high": 0.01}},
                                budget={"n_trials": 2}),
-                          "error: sweep 'key_no_config_has' space: Could not override 'balance.gamm'"),
+                          "error: sweep 'key_no_config_has' space: balance.gamm=0.001: no such key; "
+                          "did you mean balance.gamma="),
     "value_out_of_range": (dict(space={"optim.lr": {"type": "float", "low": -1.0, "high": 0.01}},
                                 budget={"n_trials": 2}),
                            "error: sweep 'value_out_of_range' space: optim.lr=-1.0 is not allowed"),
