@@ -111,7 +111,8 @@ def test_bad_input_fails_in_one_line_before_training_and_loses_nothing(tmp_path,
         unknown_choice
     )
     unknown_key = lab(tmp_path, *TINY, "trainer.max_stpes=3")
-    assert error_line(unknown_key) == "error: trainer.max_stpes=3: no such key; did you mean trainer.max_steps=3?"
+    hint = "did you mean trainer.max_steps=3?"
+    assert error_line(unknown_key) == f"error: trainer.max_stpes=3: no such key; {hint}"
     bad_spec = lab(tmp_path, *TINY, "attention=gqa", "model.n_kv_heads=3")
     assert (
         error_line(bad_spec)
