@@ -282,7 +282,7 @@ def print_status(name: str, uri: str | None = None) -> None:
     rows = status(name, uri)
     shown = current_records(name)
     title = (
-        f"{name}: {len(shown)} submissions of one run each"
+        f"{name}: {len(shown)} runs submitted one by one"
         if len(shown) > 1
         else f"{name}: {shown[0]['submitted']}"
     )

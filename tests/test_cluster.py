@@ -103,7 +103,7 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes_into_one_run(tm
     assert run.data.tags["resumes"] == "1" and int(run.data.tags["requeued_at_step"]) < 2000
     logged = [step for step, _ in history(tmp_path, run.info.run_id, M.TRAIN_LOSS)]
     assert logged == list(range(49, 2000, 50))  # every logged step exactly once: none lost, none repeated
-    assert [s for s, _ in history(tmp_path, run.info.run_id, M.VAL_LOSS)][-1] == 1999  # the last step
+    assert [s for s, _ in history(tmp_path, run.info.run_id, M.VAL_LOSS)][-1] == 2000  # after the last step
     assert (tmp_path / job["run_dir"] / "checkpoints" / "preempt.ckpt").exists()
     assert "DUE TO JOB REQUEUE" in (tmp_path / job["run_dir"] / "slurm.err").read_text()
 
@@ -222,7 +222,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     assert set(by_name) == {"one", "two"}  # the second rank logged nothing of its own
     val_one = history(tmp_path, by_name["one"].info.run_id, M.VAL_LOSS)
     val_two = history(tmp_path, by_name["two"].info.run_id, M.VAL_LOSS)
-    assert [s for s, _ in val_one] == [s for s, _ in val_two] == [2, 5]  # after steps 3 and 6
+    assert [s for s, _ in val_one] == [s for s, _ in val_two] == [3, 6]  # after 3 and 6 steps
     for (_, a), (_, b) in zip(val_one, val_two, strict=True):
         assert abs(a - b) <= 1e-4 * abs(a)  # fp32: only the all-reduce's summation order differs
     m = by_name["two"].data.metrics
