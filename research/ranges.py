@@ -56,6 +56,12 @@ def check_ranges(cfg: DictConfig) -> None:
         ok = ok and (value >= low if inclusive else value > low) and value <= high
         if not ok:
             raise spec_error(key, value, _allowed(kind, low, high, inclusive))
+    devices = OmegaConf.select(cfg, "trainer.devices", default="auto")
+    as_list = OmegaConf.to_object(devices) if OmegaConf.is_list(devices) else None
+    countable = isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1
+    listed = as_list is not None and len(as_list) > 0 and all(isinstance(d, int) and d >= 0 for d in as_list)
+    if not (devices == "auto" or countable or listed):
+        raise spec_error("trainer.devices", devices, "auto, an integer >= 1, or a list of device indices")
     for betas in [OmegaConf.select(cfg, "optim.betas", default=None)]:
         if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
             raise spec_error("optim.betas", list(betas), "two numbers in [0, 1)")

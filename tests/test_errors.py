@@ -49,3 +49,36 @@ def test_sequence_shorter_than_mtp_depth():
     model = Transformer(tiny_config(mtp_depth=2))
     with pytest.raises(ValueError, match=r"mtp\.depth=2"):
         model(torch.zeros(1, 2, dtype=torch.long), targets=torch.zeros(1, 2, dtype=torch.long))
+
+
+NUMERIC = [
+    ("trainer.max_steps=abc", "trainer.max_steps='abc' is not allowed; allowed: an integer >= 1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 is not allowed; allowed: an integer >= 1"),
+    ("trainer.max_steps=2.5", "trainer.max_steps=2.5 is not allowed; allowed: an integer >= 1"),
+    ("trainer.checkpoint_every=0", "trainer.checkpoint_every=0 is not allowed"),
+    ("trainer.log_every=0", "trainer.log_every=0 is not allowed"),
+    ("trainer.val_every=0", "trainer.val_every=0 is not allowed"),
+    ("optim.lr=-1", "optim.lr=-1 is not allowed; allowed: a number > 0"),
+    ("optim.lr=0", "optim.lr=0 is not allowed; allowed: a number > 0"),
+    ("data.batch_size=0", "data.batch_size=0 is not allowed; allowed: an integer >= 1"),
+    ("data.val_fraction=1.5", "data.val_fraction=1.5 is not allowed; allowed: a number in (0, 1]"),
+    ("trainer.devices=0", "trainer.devices=0 is not allowed; allowed: auto, an integer >= 1, or a list"),
+    ("trainer.devices=many", "trainer.devices='many' is not allowed; allowed: auto, an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), NUMERIC, ids=[n[0] for n in NUMERIC])
+def test_numeric_keys_out_of_type_or_range_are_refused_by_name(override, message):
+    from research.cli import checked_config
+
+    with pytest.raises(ValueError) as err:
+        checked_config(["model=tiny", override])
+    assert str(err.value).startswith(message), err.value
+
+
+def test_numeric_keys_in_range_pass():
+    from research.cli import checked_config
+
+    in_range = ["trainer.devices=[0,1]", "trainer.max_steps=1", "data.val_fraction=1"]
+    cfg = checked_config(["model=tiny", *in_range])
+    assert list(cfg.trainer.devices) == [0, 1]
