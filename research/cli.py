@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +124,24 @@ def checked_config(overrides: list[str]) -> DictConfig:
 
     job = first_job(overrides)
     refuse_unread_additions(job)
-    try:
+    with naming_unknown_keys(job):
         cfg = compose_run(job)
-    except Exception as e:  # Hydra's hint for an unknown key is to add it with +: read by nothing
-        unknown = re.search(r"Could not override '([^']+)'", str(e))
-        override = next((o for o in job if unknown and o.split("=", 1)[0] == unknown[1]), None)
-        if override is None:
-            raise
-        raise ValueError(f"{override}: no such key{_did_you_mean(job, override)}") from None
     check(cfg)
     return cfg
+
+
+@contextmanager
+def naming_unknown_keys(overrides: list[str]):
+    """Hydra's hint for an unknown key is to add it with +, where nothing would read it: say
+    instead that there is no such key, and which one was likely meant."""
+    try:
+        yield
+    except Exception as e:
+        unknown = re.search(r"Could not override '([^']+)'", str(e))
+        override = next((o for o in overrides if unknown and o.split("=", 1)[0] == unknown[1]), None)
+        if override is None:
+            raise
+        raise ValueError(f"{override}: no such key{_did_you_mean(overrides, override)}") from None
 
 
 def _did_you_mean(overrides: list[str], override: str) -> str:
@@ -280,18 +289,24 @@ def _grid(rest: list[str]) -> None:
                         help="on Slurm (cluster=PROFILE): wait for the job array, then compare")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the grids and exit")
     args, overrides = parser.parse_known_args(rest)
+    _refuse_unknown_options(parser, overrides)
     if args.list or not args.name:
         print("grids: " + ", ".join(grid.available()))
         return
+    fail_if(None if args.jobs >= 1 else f"--jobs={args.jobs} is not allowed; allowed: 1 or more")
+    gpus = args.gpus.split(",") if args.gpus else None
+    bad_gpu = next((g for g in gpus or [] if not re.fullmatch(r"\d+|(GPU|MIG)-[\w-]+", g.strip())), None)
+    if bad_gpu is not None:
+        fail_if(f"--gpus={args.gpus}: {bad_gpu!r} is not a GPU; allowed: indices or UUIDs, comma-separated")
     try:
-        cfg = grid.compose_grid(args.name, overrides)
+        with naming_unknown_keys(overrides):
+            cfg = grid.compose_grid(args.name, overrides)
         jobs = grid.expand(args.name, cfg, overrides)
     except Exception as e:
         fail_if(one_line(e))
     for job in {job.arm: job for job in reversed(jobs)}.values():  # every arm, before any starts
         problem = precheck(job.overrides)
         fail_if(f"arm '{job.arm}': {problem}" if problem else None)
-    gpus = args.gpus.split(",") if args.gpus else None
     try:
         from research.slurm import launcher
 
@@ -353,6 +368,7 @@ def _sweep(rest: list[str]) -> None:
                         help="on Slurm: wait for the workers, report here (else a job does)")  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the studies and exit")
     args, overrides = parser.parse_known_args(rest)
+    _refuse_unknown_options(parser, overrides)
     if args.list or not args.name:
         from research.grid import named_files  # not research.sweep: listing needs no Optuna or torch
 
@@ -412,6 +428,16 @@ def _server(rest: list[str]) -> None:
         serve(compose_run(rest).tracking.server)
     except Exception as e:
         fail_if(one_line(e))
+
+
+def _refuse_unknown_options(parser: Any, overrides: list[str]) -> None:
+    """What argparse does not know passes on as overrides; a ``--flag`` there is a typo or another
+    command's option (``--cfg`` is ``lab train``'s), and Hydra's parse error would not say so."""
+    flag = next((o for o in overrides if o.startswith("-")), None)
+    if flag is not None:
+        known = sorted({s for a in parser._actions for s in a.option_strings if s.startswith("--")})
+        fail_if(f"{flag}: not an option of {parser.prog}; its options: {', '.join(known)} "
+                f"(settings go as KEY=VALUE)")  # fmt: skip
 
 
 def fail_if(problem: str | None) -> None:

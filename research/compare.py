@@ -321,7 +321,8 @@ def plot_pareto(summaries: list[ArmSummary], path: Path) -> Path | None:
             title=f"Quality vs {metric.split('/')[1]} (* Pareto)",
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if pts:  # a metric no run recorded (peak memory on a CPU) leaves its panel empty
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -446,9 +447,14 @@ def compare(experiments: list[str], uri: str = "sqlite:///mlruns.db", where: dic
         )
     runs, notes = like_with_like(runs, all_configs)
     notes.append(what_it_compares(runs))
-    baseline = (
-        baseline or next((r.baseline for r in runs if r.baseline), None) or sorted({r.arm for r in runs})[0]
-    )
+    arms = sorted({r.arm for r in runs})
+    if baseline is not None and baseline not in arms:
+        raise ValueError(f"--baseline '{baseline}' is not an arm here; the arms: {', '.join(arms)}")
+    recorded = next((r.baseline for r in runs if r.baseline), None)
+    if baseline is None and recorded is not None and recorded not in arms:
+        notes.append(f"the grid's baseline '{recorded}' has no runs here: deltas are against '{arms[0]}'")
+        recorded = None
+    baseline = baseline or recorded or arms[0]
     summaries = summarise(runs, metrics, baseline)
     title = " + ".join(experiments) + (
         f" ({', '.join(f'{k}={v}' for k, v in where.items())})" if where else ""

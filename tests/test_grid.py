@@ -103,6 +103,10 @@ def test_compare_filters_and_logs_the_report_to_mlflow(grid_2x2, tmp_path):
     uri = f"sqlite:///{cwd / 'mlruns.db'}"
     only_mla = compare(["g2x2"], uri=uri, where={"attention.name": "mla"}, out=tmp_path / "mla", show=False)
     assert {s.arm for s in only_mla.summaries} == {"attention=mla ffn=dense", "attention=mla ffn=moe"}
+    moved = "baseline &#x27;attention=mha ffn=dense&#x27; has no runs here: deltas are against"
+    assert moved in (only_mla.folder / "report.html").read_text()  # filtered out: the deltas say whose
+    with pytest.raises(ValueError, match="--baseline 'attention=x' is not an arm here; the arms: attention="):
+        compare(["g2x2"], uri=uri, baseline="attention=x", show=False)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("g2x2")
     reports = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(REPORT_TAG) == "report"]
@@ -214,6 +218,17 @@ def test_unknown_grid_and_bad_where_fail_in_one_line(tmp_path):
     )
     proc = run_lab(tmp_path, "compare", "x", "--where", "model.name")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --where 'model.name' is not KEY=VALUE"
+    refused = [
+        ("trainer.max_stpes=3", "error: trainer.max_stpes=3: no such key; did you mean trainer.max_steps=3?"),
+        ("--jobs 0", "error: --jobs=0 is not allowed; allowed: 1 or more"),
+        ("--gpus 0,a", "error: --gpus=0,a: 'a' is not a GPU; allowed: indices or UUIDs, comma-separated"),
+        ("--cfg job", "error: --cfg: not an option of lab grid; its options: --gpus, --help, --jobs,"),
+    ]
+    for args, line in refused:
+        proc = run_lab(tmp_path, "grid", "quick", *args.split())
+        assert proc.returncode == 2 and proc.stderr.startswith(line), proc.stderr
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "multirun").exists()
 
 
 def test_the_expert_load_scale_reaches_a_collapsed_layer():
