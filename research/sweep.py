@@ -109,8 +109,11 @@ def load_spec(
         require(all(s["type"] == "categorical" for s in space.values()), "sampler.name", "grid",
                 "a space of categoricals only")  # fmt: skip
     budget = raw.get("budget") or {}
-    trials = n_trials or budget.get("n_trials")
-    require(isinstance(trials, int) and trials >= 1, "budget.n_trials", trials, "a positive integer")
+    trials = budget.get("n_trials") if n_trials is None else n_trials
+    key = "budget.n_trials" if n_trials is None else "--trials"
+    require(isinstance(trials, int) and trials >= 1, key, trials, "a positive integer")
+    storage = storage or raw.get("storage") or "sqlite:///optuna.db"
+    _check_storage(storage)
     study = raw.get("study") or name
     return SweepSpec(
         name=study,
@@ -121,10 +124,26 @@ def load_spec(
         n_trials=trials,
         timeout=budget.get("timeout"),
         overrides=[*(raw.get("overrides") or []), *overrides],
-        storage=storage or raw.get("storage") or "sqlite:///optuna.db",
+        storage=storage,
         experiment=f"sweep_{study}",
         enqueue=raw.get("enqueue") or [],
     )
+
+
+def _check_storage(url: str) -> None:
+    """A URL Optuna cannot open fails here in one line, not as an ImportError from its RDB layer."""
+    allowed = (
+        "sqlite:///FILE.db, postgresql://USER@HOST/DB, journal:PATH, or an RDB URL whose driver is installed"
+    )
+    if url.startswith("journal:"):
+        require(url != "journal:", "storage", url, allowed)
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except Exception as e:
+        raise spec_error("storage", redact(url), redact(f"{allowed} ({type(e).__name__}: {e})")) from None
 
 
 def _check_dimension(key: str, s: dict[str, Any]) -> None:

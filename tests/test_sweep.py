@@ -68,8 +68,11 @@ def test_a_stopped_sqlite_study_resumes_to_its_budget(tmp_path, shared_cache):
                 overrides=[*TINY, "trainer.max_steps=6"])  # fmt: skip
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     env = {**os.environ, "LAB_CACHE_DIR": os.environ.get("LAB_CACHE_DIR", str(tmp_path / "cache"))}
-    proc = subprocess.Popen([sys.executable, "-m", "research.cli", "sweep", "resume"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    # Ctrl-C as in a terminal: a test run started in the background inherits SIGINT ignored.
+    ctrl_c = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    args = [sys.executable, "-m", "research.cli", "sweep", "resume"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=ctrl_c)  # fmt: skip
     deadline = time.time() + 300
     # One worker runs trials in turn: trial 2's folder appearing means two are done. (Peeking at the
     # study's database instead can miss its moments under load, when the writer holds the lock.)
@@ -159,6 +162,26 @@ def test_bad_search_space_fails_in_one_line_before_any_trial(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
     assert not (tmp_path / "optuna.db").exists()
+
+
+BAD_OPTIONS = [
+    ("--trials 0", "error: --trials=0 is not allowed; allowed: a positive integer"),
+    (
+        "--storage mysql://u:secret@h/db",
+        "error: storage='mysql://u:***@h/db' is not allowed; allowed: sqlite:///",
+    ),
+    ("--storage optuna.db", "error: storage='optuna.db' is not allowed; allowed: sqlite:///FILE.db,"),
+    ("--trails 3", "error: --trails: not an option of lab sweep; its options: --help, --list, --storage,"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS, ids=[o for o, _ in BAD_OPTIONS])
+def test_bad_sweep_options_fail_in_one_line_before_any_trial(tmp_path, options, message):
+    write_sweep(tmp_path, "opts", budget={"n_trials": 2})
+    proc = run_lab(tmp_path, "sweep", "opts", *options.split())
+    assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "secret" not in proc.stderr
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlruns.db").exists()
 
 
 def test_a_sweep_where_no_trial_completed_exits_non_zero(tmp_path, shared_cache):
