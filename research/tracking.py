@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,7 +99,10 @@ def ensure_experiment(uri: str, name: str) -> str:
             except MlflowException:  # created meanwhile by a parallel run
                 return client.get_experiment_by_name(name).experiment_id
         except Exception as e:
-            reason = " ".join(str(e).split())[:300]
+            reason = " ".join(str(e).split())
+            # A connection failure's cause sits deep in urllib3's retry message: keep only it.
+            errno = re.search(r"\[Errno -?\d+\] [^'\")]+", reason)
+            reason = errno.group(0) if errno else reason
             problem = "could not be opened" if local else "is unreachable"
             raise TrackingError(f"tracking.uri='{redact(uri)}' {problem}: {reason}") from e
 
