@@ -313,10 +313,17 @@ def _torchtitan_arm(pair: str, s: Shape, device: torch.device, n_ours: int, batc
     n = sum(p.numel() for p in model.parameters())
     assert n == n_ours, f"{pair}: {n_ours:,} weights in ours, {n:,} in torchtitan's"
     # Its apply_compile sets capture_scalar_outputs for the whole process: only for its own arm here.
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        torchtitan_peers.compile_as_torchtitan(pair, model)
-        timing = time_training(model, torchtitan_peers.loss, batch, steps, warmup)
-    del model
+    try:
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            torchtitan_peers.compile_as_torchtitan(pair, model)
+            timing = time_training(model, torchtitan_peers.loss, batch, steps, warmup)
+    except Exception as e:  # a peer that fails on this torch must not take the pair's table with it
+        print(f"torchtitan's {pair} peer failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        return []
+    finally:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return [
         (f"torchtitan {'DeepSeekV3' if pair == 'moe' else 'Llama 3'}", "compiled (its apply_compile)", timing)
     ]
