@@ -39,17 +39,24 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()).split(" Config search path")[0]
 
 
-def found_files() -> str:
-    """``lab train --help``'s lines for what Hydra's own listing cannot see: the Slurm profiles and
-    grid files of the working folder and of the project (they join the search path per call)."""
-    from research.grid import named_files
+def print_train_help(overrides: list[str]) -> None:
+    """``lab train --help``: the choices of each config group, the Slurm profiles and grid files
+    found in the working folder and the project, and the config these overrides compose. Written
+    here, not left to Hydra: its help also lists each of its own groups, deep-copying the config
+    repository once per group, which makes help slower than one composition."""
+    from research.grid import compose_run, named_files
 
-    profiles, grids = ", ".join(["local", *named_files("cluster")]), ", ".join(named_files("ablations"))
-    return (f"cluster (a Slurm profile, ./cluster/NAME.yaml): {profiles}\n"
-            f"ablations (a grid, run by lab grid NAME): {grids}")  # fmt: skip
-
-
-OmegaConf.register_new_resolver("lab_found", found_files, replace=True)
+    config = OmegaConf.to_yaml(compose_run(overrides))  # first: a bad override prints no half help
+    conf = Path(__file__).parent / "conf"
+    groups = sorted(d for d in conf.iterdir() if d.is_dir() and not d.name.startswith("_"))
+    choices = (f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}" for g in groups)
+    print("lab train: one training run. Pick a choice of any group (group=choice), set any key (key=value).",
+          "\n== Configuration groups ==", *choices,
+          "\n== Found in this folder and the project ==",
+          f"cluster (a Slurm profile, ./cluster/NAME.yaml): {', '.join(['local', *named_files('cluster')])}",
+          f"ablations (a grid, run by lab grid NAME): {', '.join(named_files('ablations'))}",
+          "\n== Config ==\nOverride anything in the config (foo.bar=value)\n", config,
+          sep="\n", end="")  # fmt: skip
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -236,6 +243,11 @@ def _train(rest: list[str]) -> None:
     flags, overrides = split_flags(rest)
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     inspecting = any(f.split("=")[0] in INSPECT_FLAGS for f in flags)
+    if any(f in ("--help", "-h") for f in flags):
+        try:
+            return print_train_help(overrides)
+        except Exception as e:
+            fail_if(one_line(e))
     if resume and not inspecting and not any(f in ("-m", "--multirun") for f in flags):
         return _resume(resume, overrides)
     if not inspecting:

@@ -145,6 +145,9 @@ def test_hydra_conventions(tmp_path):
     assert helptext.returncode == 0
     assert "attention: gqa, mha, mla" in helptext.stdout
     assert "balance: aux_free, aux_free+seq_aux, aux_loss, none, seq_aux" in helptext.stdout
+    assert "  name: gqa" in lab(tmp_path, "--help", "attention=gqa").stdout  # the config they compose
+    bad = lab(tmp_path, "--help", "attention=foo")
+    assert bad.returncode == 2 and bad.stdout == "" and "Could not find 'attention/foo'" in error_line(bad)
     quick = lab(tmp_path, "ablations=quick", "--cfg", "job")
     assert "ablation: quick" in quick.stdout and "baseline: attention=mha ffn=dense" in quick.stdout
 
