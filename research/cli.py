@@ -46,7 +46,8 @@ def print_train_help(overrides: list[str]) -> None:
     repository once per group, which makes help slower than one composition."""
     from research.grid import compose_run, named_files
 
-    config = OmegaConf.to_yaml(compose_run(overrides))  # first: a bad override prints no half help
+    with naming_unknown_keys(overrides):  # first: a bad override prints no half help
+        config = OmegaConf.to_yaml(compose_run(overrides))
     conf = Path(__file__).parent / "conf"
     groups = sorted(d for d in conf.iterdir() if d.is_dir() and not d.name.startswith("_"))
     choices = (f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}" for g in groups)
