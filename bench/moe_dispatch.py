@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from bench.timing import time_ms
-from components.balance import LoadBalance
+from components.balance import BalancePolicy
 from components.linear import make_linear
 from components.moe import build_moe
 from tests.reference import moe_reference
@@ -32,7 +32,7 @@ def main() -> None:
         moe = build_moe(
             C,
             make_linear,
-            LoadBalance(),
+            BalancePolicy(),
             n_routed_experts=E,
             top_k=K,
             expert_dim=H,

@@ -13,7 +13,8 @@ from typing import Any
 _EXPORTS = {
     "ATTENTION": "components.attention",
     "BALANCE": "components.balance",
-    "LoadBalance": "components.balance",
+    "BalancePolicy": "components.balance",
+    "build_balance": "components.balance",
     "max_violation": "components.balance",
     "FFN": "components.ffn",
     "LinearFactory": "components.linear",

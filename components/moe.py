@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.balance import LoadBalance
+from components.balance import BalancePolicy, Routing
 from components.ffn import FFN, SwiGLU
 from components.fp8 import TILE, fake_quantize_blocks, fake_quantize_tiles, round_up
 from components.linear import LinearFactory, compute_dtype
@@ -57,6 +57,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, C] -> affinities [N, E], selected experts [N, K], combine weights [N, K] (fp32)."""
+        return self.route(x)[1:]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` with the logits [N, E] first, for balancing rules that read them."""
         # fp32 even under autocast, which would run this linear in bf16: bf16 logits tie often
         # among E experts, and a tie broken one way eagerly and another compiled moves tokens.
         with torch.autocast(x.device.type, enabled=False):
@@ -69,7 +73,7 @@ class Router(nn.Module):
         weights = scores.gather(1, topk_idx)
         if self.norm_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return scores, topk_idx, weights * self.route_scale
+        return logits, scores, topk_idx, weights * self.route_scale
 
     def _keep_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Mask all but the ``topk_groups`` groups whose two best experts score highest."""
@@ -237,7 +241,7 @@ class MoE(nn.Module):
         n_groups: int,
         topk_groups: int,
         norm_topk: bool,
-        balance: LoadBalance,
+        balance: BalancePolicy,
         linear: LinearFactory,
         gemm_backend: str = "auto",
     ):
@@ -256,7 +260,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         x_flat = x.reshape(B * T, C)
-        scores, topk_idx, weights = self.router(x_flat)
+        logits, scores, topk_idx, weights = self.router.route(x_flat)
         y, load = self.experts(x_flat, topk_idx, weights)
         if self.shared is not None:
             y = y + self.shared(x_flat)
@@ -264,7 +268,7 @@ class MoE(nn.Module):
         self.balance_loss = None
         if self.training:
             self.load_since_update += load
-            self.balance_loss = self.balance.loss(scores, topk_idx, B)
+            self.balance_loss = self.balance.loss(Routing(logits, scores, topk_idx, B))
         return y.view(B, T, C)
 
     @torch.no_grad()
@@ -278,7 +282,7 @@ class MoE(nn.Module):
 def build_moe(
     d_model: int,
     linear: LinearFactory,
-    balance: LoadBalance,
+    balance: BalancePolicy,
     n_routed_experts: int = 8,
     top_k: int = 2,
     expert_dim: int = 128,

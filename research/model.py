@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.attention import ATTENTION, ATTENTION_TYPES
-from components.balance import BALANCE, LoadBalance
+from components.balance import BalancePolicy, build_balance
 from components.ffn import FFN
 from components.linear import LinearFactory, make_linear
 from components.loss import cross_entropy_chunk, linear_cross_entropy
@@ -79,7 +79,7 @@ class Transformer(nn.Module):
         unknown = set(cfg.mtp) - {"depth", "weight"}
         require(not unknown, "mtp", sorted(unknown), "keys depth, weight")
         check_mtp(self.mtp_depth, self.mtp_weight)
-        balance = BALANCE.build(cfg.balance)
+        balance = build_balance(cfg.balance)
         self.first_k_dense = cfg.ffn.get("first_k_dense", 0) if cfg.ffn.get("name") == "moe" else 0
         require(
             0 <= self.first_k_dense <= cfg.n_layers,
@@ -106,7 +106,7 @@ class Transformer(nn.Module):
         # with the blocks). Speed settings, not the model's maths: the trainer sets them.
         self.loss_chunk, self.loss_chunk_fn = 0, cross_entropy_chunk
 
-    def _block(self, layer: int, balance: LoadBalance, linear: LinearFactory) -> Block:
+    def _block(self, layer: int, balance: BalancePolicy, linear: LinearFactory) -> Block:
         ffn_spec = self.cfg.ffn
         if layer < self.first_k_dense:
             ffn_spec = {"name": "dense", "hidden_dim": ffn_spec.get("dense_hidden_dim")}

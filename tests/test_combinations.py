@@ -12,7 +12,7 @@ GRID = list(
     itertools.product(
         ["mha", "gqa", "mla"],
         ["dense", "moe"],
-        ["none", "aux_loss", "aux_free", "aux_free+seq_aux"],
+        ["none", "aux_loss", "aux_free", "aux_free+seq_aux", "aux_free+z_loss"],
         [0, 1, 2],
     )
 )
@@ -26,7 +26,7 @@ def test_builds_and_runs_forward_backward(attention, ffn, balance, mtp_depth):
     assert out.logits.shape == (2, 12, 64)
     assert torch.isfinite(out.loss)
     assert (out.mtp_loss is not None) == (mtp_depth > 0)
-    has_balance_loss = ffn == "moe" and balance in ("aux_loss", "aux_free+seq_aux")
+    has_balance_loss = ffn == "moe" and balance in ("aux_loss", "aux_free+seq_aux", "aux_free+z_loss")
     assert (out.balance_loss is not None) == has_balance_loss
     out.loss.backward()
     for name, p in model.named_parameters():

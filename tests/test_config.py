@@ -12,7 +12,7 @@ from research.model import Transformer
 GROUPS = {
     "attention": ["mha", "gqa", "mla"],
     "ffn": ["dense", "moe"],
-    "balance": ["none", "aux_loss", "aux_free", "seq_aux", "aux_free+seq_aux"],
+    "balance": ["none", "aux_loss", "aux_free", "seq_aux", "aux_free+seq_aux", "z_loss", "aux_free+z_loss"],
     "mtp": ["none", "d1", "d2"],
 }
 
@@ -49,5 +49,6 @@ def test_moe_presets_match_dense_active_ffn_width():
 def test_balance_and_mtp_choices_reach_the_model():
     model = build(["ffn=moe", "balance=aux_free+seq_aux", "mtp=d2"])
     layer = model.moe_layers()[0]
-    assert layer.balance.bias_gamma == 1e-3 and layer.balance.seq_alpha == 1e-4
+    assert [type(r).__name__ for r in layer.balance.rules] == ["AuxFree", "SeqAux"]
+    assert layer.balance.rules[0].gamma == 1e-3 and layer.balance.rules[1].alpha == 1e-4
     assert model.mtp_depth == 2 and len(model.mtp) == 2

@@ -9,7 +9,7 @@ MOE = FFN_SPECS["moe"]  # 8 experts in 2 groups, top-2, first layer dense
 BAD = [
     ("attention.name", dict(attention={"name": "flash"}), "'gqa', 'mha', 'mla'"),
     ("ffn.name", dict(ffn={"name": "mixture"}), "'dense', 'moe'"),
-    ("balance.name", dict(balance={"name": "bogus"}), "'aux_free', 'aux_free+seq_aux', 'aux_loss'"),
+    ("balance.name", dict(balance={"name": "bogus"}), "aux_free, aux_loss, seq_aux, z_loss joined by '+'"),
     ("attention.kv_lora_rnk", dict(attention={**ATTENTION_SPECS["mla"], "kv_lora_rnk": 8}), "kv_lora_rank"),
     ("attention.n_kv_heads", dict(attention={"name": "gqa", "n_heads": 4, "n_kv_heads": 3}), "divisor"),
     ("attention.n_heads", dict(attention={"name": "mha", "n_heads": 5}), "d_model=32"),

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from components.balance import BALANCE, LoadBalance, max_violation
+from components.balance import BalancePolicy, build_balance, max_violation
 from components.linear import make_linear
 from components.moe import _top_k_indices, build_moe, grouped_mm
 from tests.reference import moe_reference
@@ -11,10 +11,10 @@ from tests.reference import moe_reference
 C = 32
 
 
-def make_moe(balance: LoadBalance | None = None, **kw):
+def make_moe(balance: BalancePolicy | None = None, **kw):
     spec = dict(n_routed_experts=8, top_k=2, expert_dim=16, n_shared_experts=1)
     spec.update(kw)
-    moe = build_moe(C, make_linear, balance or LoadBalance(), **spec)
+    moe = build_moe(C, make_linear, balance or BalancePolicy(), **spec)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     return moe
@@ -128,7 +128,7 @@ def _skewed_moe(gamma: float) -> tuple[torch.nn.Module, torch.Tensor]:
     moe = build_moe(
         C,
         make_linear,
-        BALANCE.build({"name": "aux_free", "gamma": gamma}),
+        build_balance({"name": "aux_free", "gamma": gamma}),
         n_routed_experts=16,
         top_k=2,
         expert_dim=16,
@@ -178,7 +178,7 @@ def test_routing_is_fp32_under_autocast_so_compiled_routes_as_eager_does():
     ~6% between the two, which hid real faults of the compiled path below the noise."""
     torch.manual_seed(0)
     C = 64
-    moe = build_moe(C, make_linear, LoadBalance(), n_routed_experts=16, top_k=2, expert_dim=64)
+    moe = build_moe(C, make_linear, BalancePolicy(), n_routed_experts=16, top_k=2, expert_dim=64)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=C**-0.5)
     x = torch.randn(4, 256, C)

@@ -9,13 +9,13 @@ from tests.cli_helpers import TINY, error_line, history, lab, runs
 
 ALWAYS = {M.TRAIN_LOSS, M.TRAIN_LM_LOSS, M.VAL_LOSS, M.VAL_BPB, M.TOKENS_PER_S, M.TOKENS_PER_S_PER_GPU,
           M.STEP_MS, M.PEAK_MEM_GIB, M.PEAK_MEM_GIB_JOB, M.KV_CACHE_BYTES_PER_TOKEN}  # fmt: skip
-BALANCE_WITH_LOSS = {"aux_loss", "seq_aux", "aux_free+seq_aux"}
+BALANCE_WITH_LOSS = {"aux_loss", "seq_aux", "aux_free+seq_aux", "z_loss", "aux_free+z_loss"}
 
 # One multirun per axis; the other axes sit where most metrics apply (MoE, a balance loss, MTP).
 AXES = {
     "attention": ["mha", "gqa", "mla"],
     "ffn": ["dense", "moe"],
-    "balance": ["none", "aux_loss", "aux_free", "seq_aux", "aux_free+seq_aux"],
+    "balance": ["none", "aux_loss", "aux_free", "seq_aux", "aux_free+seq_aux", "aux_free+z_loss"],
     "mtp": ["none", "d1", "d2"],
     "precision": ["fp32", "bf16", "auto"],
     "model": ["tiny", "small"],
@@ -144,7 +144,8 @@ def test_hydra_conventions(tmp_path):
     helptext = lab(tmp_path, "--help")
     assert helptext.returncode == 0
     assert "attention: gqa, mha, mla" in helptext.stdout
-    assert "balance: aux_free, aux_free+seq_aux, aux_loss, none, seq_aux" in helptext.stdout
+    balance = "balance: aux_free, aux_free+seq_aux, aux_free+z_loss, aux_loss, none, seq_aux, z_loss"
+    assert balance in helptext.stdout
     assert "  name: gqa" in lab(tmp_path, "--help", "attention=gqa").stdout  # the config they compose
     bad = lab(tmp_path, "--help", "attention=foo")
     assert bad.returncode == 2 and bad.stdout == "" and "Could not find 'attention/foo'" in error_line(bad)
