@@ -30,26 +30,8 @@ import numpy as np
 from research import metrics as M
 from research.report import print_tables, write_report
 
-DEFAULT_METRICS = (
-    M.VAL_BPB,
-    M.TOKENS_PER_S,
-    M.MFU,
-    M.PEAK_MEM_GIB,
-    M.MAXVIO_GLOBAL,
-    M.KV_CACHE_BYTES_PER_TOKEN,
-)
-LOWER_IS_BETTER = {
-    M.VAL_BPB,
-    M.VAL_LOSS,
-    M.PEAK_MEM_GIB,
-    M.MAXVIO_GLOBAL,
-    M.KV_CACHE_BYTES_PER_TOKEN,
-    M.STEP_MS,
-}
 REPORT_TAG = "lab.kind"
 matplotlib.use("Agg")  # files only, also where a display exists
-LABELS = {M.VAL_BPB: "val/bpb", M.TOKENS_PER_S: "tokens/s", M.MFU: "MFU", M.PEAK_MEM_GIB: "peak GiB",
-          M.MAXVIO_GLOBAL: "MaxVio", M.KV_CACHE_BYTES_PER_TOKEN: "KV B/token"}  # fmt: skip
 
 
 @dataclass
@@ -301,8 +283,8 @@ def plot_pareto(summaries: list[ArmSummary], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     axes_spec = [
-        (M.TOKENS_PER_S, "tokens/s (higher is better)", True),
-        (M.PEAK_MEM_GIB, "peak memory GiB", False),
+        (M.TOKENS_PER_S, "tokens/s (higher is better)", not M.spec_of(M.TOKENS_PER_S).lower_is_better),
+        (M.PEAK_MEM_GIB, "peak memory GiB", not M.spec_of(M.PEAK_MEM_GIB).lower_is_better),
     ]
     rows = [s for s in summaries if M.VAL_BPB in s.stats]
     if not rows:
@@ -378,11 +360,7 @@ def plot_expert_loads(uri: str, runs: list[RunRecord], path: Path) -> Path | Non
 
 
 def _fmt(value: float, metric: str) -> str:
-    if math.isnan(value):
-        return "n/a"
-    if metric in (M.TOKENS_PER_S, M.KV_CACHE_BYTES_PER_TOKEN):
-        return f"{value:,.0f}"
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+    return M.spec_of(metric).format(value)
 
 
 def _mean_std(st: Stat, metric: str) -> str:
@@ -404,14 +382,15 @@ def _delta(d: Delta) -> str:
 def tables(summaries: list[ArmSummary], metrics: tuple[str, ...], baseline: str | None) -> tuple[list, list]:
     """Rows of the mean +- std table and of the delta table (strings, shared by terminal/HTML/MD)."""
     shown = [m for m in metrics if any(m in s.stats for s in summaries)]
-    headers = [LABELS.get(m, m) for m in shown]
+    headers = [M.spec_of(m).label for m in shown]
     means = [["arm", "runs", *headers]]
     for s in summaries:
         cells = [_mean_std(s.stats[m], m) if m in s.stats else "-" for m in shown]
         runs = f"{s.finished} ok" + (f", {s.failed} FAILED" if s.failed else "")
         runs += f", {len(s.collapsed)} COLLAPSED" if s.collapsed else ""
         means.append([s.arm + (" (baseline)" if s.arm == baseline else ""), runs, *cells])
-    deltas = [["arm", *[f"Δ {h}" for h in headers]]]
+    better = ["↓" if M.spec_of(m).lower_is_better else "↑" for m in shown]  # which way is better
+    deltas = [["arm", *[f"Δ {h} {b}" for h, b in zip(headers, better, strict=True)]]]
     for s in summaries:
         if s.arm != baseline:
             deltas.append([s.arm, *[_delta(s.deltas[m]) if m in s.deltas else "-" for m in shown]])
@@ -437,9 +416,11 @@ class Report:
 
 
 def compare(experiments: list[str], uri: str = "sqlite:///mlruns.db", where: dict[str, str] | None = None,
-            baseline: str | None = None, metrics: tuple[str, ...] = DEFAULT_METRICS, out: Path | None = None,
+            baseline: str | None = None, metrics: tuple[str, ...] | None = None, out: Path | None = None,
             log_to_mlflow: bool = True, show: bool = True, all_configs: bool = False) -> Report:  # fmt: skip
-    """Compare the runs of ``experiments``; write the report folder; return the aggregates."""
+    """Compare the runs of ``experiments``; write the report folder; return the aggregates.
+    ``metrics`` defaults to those ``research.metrics.REPORTED`` lists."""
+    metrics = metrics or tuple(spec.name for spec in M.REPORTED)
     runs = load_runs(uri, experiments, where)
     if not runs:
         raise ValueError(

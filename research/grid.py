@@ -6,7 +6,6 @@ A grid file is a Hydra config (group ``ablations``, package ``_global_``) with a
       params: {attention: [mha, gqa, mla]}   # every combination is one arm
       seeds: [0, 1, 2]
       baseline: attention=mha
-      metrics: [val/bpb, perf/tokens_per_s]
 
 Each (arm, seed) runs as its own ``lab train`` process: a crash, an out-of-memory kill or a NaN
 in one run never stops the others, each run's peak memory is its own, and on a multi-GPU host each

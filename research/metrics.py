@@ -1,4 +1,12 @@
-"""Metric names: the one contract shared by the trainer, the comparison report and the sweeps."""
+"""Metric names: the one contract shared by the trainer, the comparison report and the sweeps.
+
+``REPORTED`` says what ``lab compare`` shows and how: a metric added there is a column of the report,
+with its label, its direction and its format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 TRAIN_LOSS = "train/loss"
 TRAIN_LM_LOSS = "train/lm_loss"
@@ -21,6 +29,37 @@ ALL = (
     TOKENS_PER_S_PER_GPU, MFU, STEP_MS, PEAK_MEM_GIB, PEAK_MEM_GIB_JOB, MAXVIO_BATCH, MAXVIO_GLOBAL,
     KV_CACHE_BYTES_PER_TOKEN,
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    label: str  # the column header
+    lower_is_better: bool
+    integer: bool = False  # shown as 1,234 rather than 0.1234
+
+    def format(self, value: float) -> str:
+        if value != value:  # NaN
+            return "n/a"
+        if self.integer:
+            return f"{value:,.0f}"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+
+
+REPORTED = (
+    MetricSpec(VAL_BPB, "val/bpb", lower_is_better=True),
+    MetricSpec(TOKENS_PER_S, "tokens/s", lower_is_better=False, integer=True),
+    MetricSpec(MFU, "MFU", lower_is_better=False),
+    MetricSpec(PEAK_MEM_GIB, "peak GiB", lower_is_better=True),
+    MetricSpec(MAXVIO_GLOBAL, "MaxVio", lower_is_better=True),
+    MetricSpec(KV_CACHE_BYTES_PER_TOKEN, "KV B/token", lower_is_better=True, integer=True),
+)
+
+
+def spec_of(name: str) -> MetricSpec:
+    """The report's spec of ``name``; a metric it does not list is shown as a plain number."""
+    return next((s for s in REPORTED if s.name == name), MetricSpec(name, name, lower_is_better=True))
+
 
 # Run tags the trainer sets and the comparison reads.
 MOE_COLLAPSED = "moe.collapsed"  # "true": some MoE layer's routing collapsed (research.callbacks.MoEMonitor)
