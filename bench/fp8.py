@@ -31,9 +31,9 @@ import lightning as L
 import torch
 
 from bench.timing import time_ms
-from components.fp8 import (
+from components.fp8 import FP8Linear
+from components.fp8.format import (
     E4M3,
-    FP8Linear,
     _gemm_emulated,
     _gemm_scaled_mm,
     quantize_activation,
@@ -41,7 +41,7 @@ from components.fp8 import (
     quantize_tiles,
     quantize_weight,
 )
-from components.fp8_triton import quantize_activation_triton, quantize_weight_triton
+from components.fp8.triton import quantize_activation_triton, quantize_weight_triton
 from research import metrics as M
 
 

@@ -13,8 +13,7 @@ import torch
 from bench.timing import time_ms
 from components.balance import BalancePolicy
 from components.linear import make_linear
-from components.moe import build_moe
-from tests.reference import moe_reference
+from components.moe import build_moe, moe_reference
 
 
 def main() -> None:

@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from research import metrics as M
-from research.compare import RunRecord, load_runs
-from research.report import print_tables
+from research.experiments.compare import RunRecord, load_runs
+from research.experiments.report import print_tables
 
 GRID = "quality_gate"
 FAST, PLAIN = "speed=auto", "speed=plain"
@@ -178,7 +178,7 @@ def latest_verdict() -> str:
         return "quality gate: not run here (python -m bench.quality)"
     v = json.loads(LATEST.read_text())
     try:
-        from research.tracking import git_revision
+        from research.tracking.store import git_revision
 
         same = "this tree" if v["tree"] == git_revision() else f"tree {v['tree']}, not this one"
     except ImportError:  # its imports need omegaconf
@@ -198,9 +198,10 @@ def gradient_parity(overrides: list[str], repeats: int) -> list[float]:
 
     import torch
 
-    from research import speed
-    from research.grid import arms, compose_grid, compose_run
-    from research.train import build
+    from research.config.compose import compose_run
+    from research.experiments.grid import arms, compose_grid
+    from research.training import converters as speed
+    from research.training.run import build
 
     first = next(iter(arms(compose_grid(GRID, overrides)).values()))
     data, module = build(compose_run([f"ablations={GRID}", *first, *overrides]))
@@ -227,8 +228,8 @@ def gradient_parity(overrides: list[str], repeats: int) -> list[float]:
 
 
 def main() -> None:
-    from research import tracking
-    from research.grid import run_grid
+    from research.experiments.grid import run_grid
+    from research.tracking import store as tracking
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=15, help="runs at once on the GPU")

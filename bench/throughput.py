@@ -9,8 +9,8 @@ Llama 3 of that shape, compiled as torchtitan compiles them (``bench.torchtitan_
 Every arm trains the same way: bf16 autocast, AdamW with fp32 weights (fused), batch 8 x 2048, a few
 warm-up steps, then the median of the timed steps (a CUDA event between each two, no waiting).
 Ours is the model training runs (``research.model.Transformer``), with its optimiser
-(``research.optim.MasterAdamW``) and the speed options training applies on a GPU
-(``research.speed``: ``trainer.compile``, ``trainer.cuda_graphs``, ``trainer.fused_loss``,
+(``research.training.optim.MasterAdamW``) and the speed options training applies on a GPU
+(``research.training.converters``: ``trainer.compile``, ``trainer.cuda_graphs``, ``trainer.fused_loss``,
 ``trainer.bf16_expert_weights``, whose experts' weights are bf16 over fp32 masters, and
 ``trainer.attention_kernel`` by a kernel's name; ``--ours`` picks them,
 several variants give each option's gain); its aux-free bias update is part of its step, as in
@@ -43,11 +43,12 @@ from bench.quality import latest_verdict
 from bench.timing import time_ms
 from components.ffn import FFN
 from components.linear import make_linear
-from research import speed
-from research.callbacks import device_peak_flops
-from research.hf_import import config_from_hf_deepseek_v3, from_hf_deepseek_v3
-from research.model import ModelConfig, Transformer
-from research.optim import MasterAdamW, StepScalars, adamw_master_update_reference
+from research.model.hf_import import config_from_hf_deepseek_v3, from_hf_deepseek_v3
+from research.model.transformer import ModelConfig, Transformer
+from research.training import converters as speed
+from research.training.adamw_step import StepScalars, adamw_master_update_reference
+from research.training.callbacks import device_peak_flops
+from research.training.optim import MasterAdamW
 
 
 @dataclass
@@ -228,27 +229,22 @@ def _fresh(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 KERNELS = tuple(k for k in speed.ATTENTION_KERNELS if k != "auto")
-# research.speed's options, as trainer.* applies them; a kernel name pins trainer.attention_kernel
+# the converters' options, as trainer.* applies them; a kernel name pins trainer.attention_kernel
 OURS_OPTIONS = ("compile", "cuda_graphs", "fused_loss", "bf16_expert_weights", *KERNELS)
 DEFAULT_OURS = "compile+cuda_graphs+fused_loss+bf16_expert_weights"  # what training applies on one GPU
 
 
 def with_options(model: Transformer, options: str) -> tuple[Transformer, dict]:
-    """``options``: "plain", or speed options joined by "+" (e.g. "compile+fused_loss+cudnn").
-    Returns the model and the fp32 masters of its weights stored in bf16, for its optimiser."""
-    chosen = options.split("+")
-    device = next(model.parameters()).device
-    masters = speed.store_experts_in_bf16(model) if "bf16_expert_weights" in chosen else {}
-    if "fused_loss" in chosen:
-        speed.fuse_loss(model)
-    for kernel in set(chosen) & set(KERNELS):
-        speed.pin_attention_kernel(model, kernel, device)
+    """``options``: "plain", or speed options joined by "+" (e.g. "compile+fused_loss+cudnn"),
+    applied as training applies them on one GPU (``converters.convert``). Returns the model and the
+    fp32 masters of its weights stored in bf16, for its optimiser."""
+    chosen = set(options.split("+"))
+    kernel = next(iter(chosen & set(KERNELS)), "auto")
+    settings = {key: key in chosen for key in ("compile", "fused_loss", "bf16_expert_weights")}
     # as trainer.cuda_graphs=auto: on for compiled blocks on a GPU, off elsewhere (a CPU smoke run)
-    asked = "auto" if "cuda_graphs" in chosen else False
-    graphs = speed.cuda_graphs_enabled(asked, device, "compile" in chosen, distributed=False)
-    if "compile" in chosen:
-        speed.compile_blocks(model, cuda_graphs=graphs)
-    return model, masters
+    settings |= {"cuda_graphs": "auto" if "cuda_graphs" in chosen else False, "attention_kernel": kernel}
+    target = speed.Target(next(model.parameters()).device)
+    return model, speed.convert(model, settings, target).masters
 
 
 def plain_loss(ours: Transformer, batch: torch.Tensor) -> float:
@@ -334,7 +330,7 @@ def check_master_adamw(device: torch.device) -> None:
     reference in float64, over a few steps of a clipped gradient: the bf16 weights' numerics."""
     update = adamw_master_update_reference
     if device.type == "cuda":
-        from research.adamw_triton import adamw_master_update as update
+        from research.training.adamw_triton import adamw_master_update as update
     g = torch.Generator(device).manual_seed(0)
     n = 3 * 2**20 + 5
     master = torch.randn(n, generator=g, device=device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,10 +20,8 @@ from hydra import compose, initialize_config_module
 from lightning.pytorch.loggers import CSVLogger
 
 from research import metrics as M
-from research.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor
-from research.config import precision_of
-from research.strategies import make_strategy
-from research.train import build, deterministic
+from research.training.callbacks import DivergenceGuard, MoEMonitor, PerfMonitor
+from research.training.run import build, make_trainer
 
 ARMS = {
     "mha + dense": ["attention=mha", "ffn=dense", "balance=none"],
@@ -34,30 +33,14 @@ BASE = ["model=base", "precision=bf16", "data.seq_len=2048", "data.batch_size=8"
 def run_arm(overrides: list[str], steps: int, callbacks: list[L.Callback] = ()) -> dict[str, float]:
     """Train ``steps`` steps of BASE + ``overrides`` (``trainer=ddp trainer.devices=2`` for several
     GPUs: Lightning starts the other ranks by running this command again); rank 0's metrics."""
+    schedule = [f"trainer.max_steps={steps}", f"trainer.val_every={steps}", "trainer.log_every=5",
+                "trainer.accelerator=gpu", "trainer.grad_clip=1.0"]  # fmt: skip
     with initialize_config_module("research.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*BASE, *overrides, f"trainer.max_steps={steps}"])
+        cfg = compose("train", overrides=[*BASE, *overrides, *schedule])
     data, module = build(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         callbacks = [PerfMonitor(5, cfg.data.seq_len), MoEMonitor(), DivergenceGuard(), *callbacks]
-        trainer = L.Trainer(
-            accelerator="gpu",
-            strategy=make_strategy(cfg.trainer),
-            devices=cfg.trainer.devices,
-            use_distributed_sampler=False,  # LMDataModule shards the global batch itself
-            deterministic=deterministic(cfg.trainer),
-            precision=precision_of(cfg),
-            max_steps=steps,
-            val_check_interval=steps,
-            check_val_every_n_epoch=None,
-            num_sanity_val_steps=0,
-            log_every_n_steps=5,
-            gradient_clip_val=1.0,
-            logger=CSVLogger(tmp),
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-        )
+        trainer = make_trainer(cfg, CSVLogger(tmp), callbacks, Path(tmp), enable_checkpointing=False)
         trainer.fit(module, datamodule=data)
     out = {k: float(v) for k, v in trainer.callback_metrics.items()}
     out["world_size"] = trainer.world_size

@@ -1,6 +1,6 @@
 """DeepSeek-V3's swappable parts as plain ``nn.Module``s: no Lightning, Hydra or MLflow inside.
 
-Each module registers its components with its axis registry when imported (``research.model``
+Each module registers its components with its axis registry when imported (``research.model.transformer``
 imports them all). The package itself imports nothing, so ``components.registry`` stays light for
 a CLI that only lists or checks; the names below load on first use.
 """

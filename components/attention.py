@@ -57,7 +57,33 @@ def causal_attention(
     return y[..., :Dv]
 
 
-class GroupedQueryAttention(nn.Module):
+class Attention(nn.Module):
+    """What every attention variant is to the rest of the platform: the model reads its head shape
+    (``n_heads``, ``qk_head_dim``, ``v_head_dim``) for FLOPs and its KV-cache size per token; the
+    speed converters set ``sdpa_kernel`` (``trainer.attention_kernel``) and ``stacked`` (the
+    projections of one input as one GEMM, ``components.linear.project``). A new variant subclasses
+    this and registers a builder with ``ATTENTION``; nothing else needs to know it exists."""
+
+    def __init__(self, n_heads: int, qk_head_dim: int, v_head_dim: int):
+        super().__init__()
+        self.n_heads, self.qk_head_dim, self.v_head_dim = n_heads, qk_head_dim, v_head_dim
+        self.sdpa_kernel: SDPBackend | None = None  # the training path's kernel
+        self.stacked = False
+
+    def kv_cache_values_per_token(self) -> int:
+        raise NotImplementedError
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return self.kv_cache_values_per_token() * bytes_per_value
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x [B, T, C] at ``positions`` [T] -> [B, T, C]; ``cache`` grows by T when decoding."""
+        raise NotImplementedError
+
+
+class GroupedQueryAttention(Attention):
     """MHA when ``n_kv_heads == n_heads``, GQA (shared key/value heads) when fewer."""
 
     def __init__(
@@ -69,22 +95,16 @@ class GroupedQueryAttention(nn.Module):
         rope_theta: float,
         linear: LinearFactory,
     ):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.qk_head_dim = self.v_head_dim = head_dim
+        super().__init__(n_heads, head_dim, head_dim)
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.wq = linear(d_model, n_heads * head_dim)
         self.wk = linear(d_model, n_kv_heads * head_dim)
         self.wv = linear(d_model, n_kv_heads * head_dim)
         self.wo = linear(n_heads * head_dim, d_model)
         self.rope = RotaryEmbedding(head_dim, rope_theta)
-        self.sdpa_kernel: SDPBackend | None = None  # the training path's kernel (trainer.attention_kernel)
-        self.stacked = False  # q, k, v as one GEMM (components.linear.project; research.speed sets it)
 
     def kv_cache_values_per_token(self) -> int:
         return 2 * self.n_kv_heads * self.head_dim
-
-    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
-        return self.kv_cache_values_per_token() * bytes_per_value
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
@@ -106,7 +126,7 @@ class GroupedQueryAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
-class MultiHeadLatentAttention(nn.Module):
+class MultiHeadLatentAttention(Attention):
     """MLA (DeepSeek-V2/V3): keys and values come from a shared low-rank latent.
 
     Training path: expand the latent into per-head keys/values and run SDPA. Decoding path: cache
@@ -128,11 +148,10 @@ class MultiHeadLatentAttention(nn.Module):
         norm_eps: float,
         linear: LinearFactory,
     ):
-        super().__init__()
-        self.n_heads, self.q_lora_rank, self.kv_lora_rank = n_heads, q_lora_rank, kv_lora_rank
-        self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         qk_dim = qk_nope_head_dim + qk_rope_head_dim
-        self.qk_head_dim, self.v_head_dim = qk_dim, v_head_dim
+        super().__init__(n_heads, qk_dim, v_head_dim)
+        self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         if q_lora_rank > 0:
             self.wq_a = linear(d_model, q_lora_rank)
             self.q_norm = nn.RMSNorm(q_lora_rank, eps=norm_eps)
@@ -145,15 +164,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.wo = linear(n_heads * v_head_dim, d_model)
         self.rope = RotaryEmbedding(qk_rope_head_dim, rope_theta)
         self.scale = qk_dim**-0.5  # 1/sqrt(nope + rope): the full query-key dot product
-        self.sdpa_kernel: SDPBackend | None = None  # the training path's kernel (trainer.attention_kernel)
-        # the two projections of x (queries' and latents') as one GEMM (components.linear.project)
-        self.stacked = False
 
     def kv_cache_values_per_token(self) -> int:
         return self.kv_lora_rank + self.rope_dim
-
-    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
-        return self.kv_cache_values_per_token() * bytes_per_value
 
     def _queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q: x's query projection [B, T, q_lora_rank], or the queries [B, T, H * (nope + rope)]
@@ -202,9 +215,6 @@ class MultiHeadLatentAttention(nn.Module):
             q, k, c_kv[:, None], attn_mask=mask, scale=self.scale, enable_gqa=True
         )  # [B, H, T, L]
         return torch.einsum("bhtl,hvl->bhtv", o, w_uv)
-
-
-ATTENTION_TYPES = (GroupedQueryAttention, MultiHeadLatentAttention)
 
 
 def _check_heads(n_heads: int, d_model: int, head_dim: int | None) -> int:

@@ -18,7 +18,7 @@ class SwiGLU(nn.Module):
         self.w_gate = linear(d_model, hidden_dim)
         self.w_up = linear(d_model, hidden_dim)
         self.w_down = linear(hidden_dim, d_model)
-        self.stacked = False  # gate and up as one GEMM (components.linear.project; research.speed sets it)
+        self.stacked = False  # gate and up as one GEMM (components.linear.project)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, (self.w_gate, self.w_up), self.stacked)

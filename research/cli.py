@@ -14,29 +14,33 @@ lab server [tracking.server.KEY=V]    an MLflow tracking server (PostgreSQL) for
 lab grid --list | lab sweep --list    what there is
 """
 
+# The commands import what they run when they run it: listing grids or printing help stays free of
+# torch, Lightning and MLflow.
+
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from research.errors import TrackingError, TrainingDiverged
+from research.config.compose import (
+    CONF_DIR,
+    compose_run,
+    first_job,
+    named_files,
+    naming_unknown_keys,
+    searchpath_override,
+)
+from research.errors import TrainingDiverged
+from research.launch import launcher_name
+from research.runtime import USER_ERRORS, one_line, quiet
 
 USAGE = __doc__.split("\n", 2)[2]
-USER_ERRORS = (ValueError, TrackingError, FileNotFoundError)
-
-
-def one_line(e: BaseException) -> str:
-    """An error as one line; Hydra's composition errors lose their search-path listing."""
-    return " ".join(str(e).split()).split(" Config search path")[0]
 
 
 def print_train_help(overrides: list[str]) -> None:
@@ -44,12 +48,9 @@ def print_train_help(overrides: list[str]) -> None:
     found in the working folder and the project, and the config these overrides compose. Written
     here, not left to Hydra: its help also lists each of its own groups, deep-copying the config
     repository once per group, which makes help slower than one composition."""
-    from research.grid import compose_run, named_files
-
     with naming_unknown_keys(overrides):  # first: a bad override prints no half help
         config = OmegaConf.to_yaml(compose_run(overrides))
-    conf = Path(__file__).parent / "conf"
-    groups = sorted(d for d in conf.iterdir() if d.is_dir() and not d.name.startswith("_"))
+    groups = sorted(d for d in CONF_DIR.iterdir() if d.is_dir() and not d.name.startswith("_"))
     choices = (f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}" for g in groups)
     print("lab train: one training run. Pick a choice of any group (group=choice), set any key (key=value).",
           "\n== Configuration groups ==", *choices,
@@ -65,7 +66,7 @@ def train_app(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from research.train import run_dir_of_hydra_job, train
+    from research.training.run import print_summary, run_dir_of_hydra_job, train
 
     run_dir, overrides = run_dir_of_hydra_job()
     try:
@@ -78,131 +79,6 @@ def train_app(cfg: DictConfig) -> float | None:
         sys.exit(1 if isinstance(e, TrainingDiverged) else 2)
     print_summary(cfg, run_dir, result)
     return result.metrics.get("val/bpb")
-
-
-def print_summary(cfg: DictConfig, run_dir: Path, result: Any) -> None:
-    """What a finished run measured and where it is recorded (rank zero only)."""
-    from lightning.pytorch.utilities import rank_zero_only
-
-    from research import metrics as M
-    from research.redaction import redact
-
-    if rank_zero_only.rank != 0:
-        return
-    m = result.metrics
-    measured = [f"{M.VAL_BPB} {m[M.VAL_BPB]:.4f}" if M.VAL_BPB in m else None,
-                f"{m[M.TOKENS_PER_S]:,.0f} tok/s" if M.TOKENS_PER_S in m else None]  # fmt: skip
-    uri = redact(cfg.tracking.uri)
-    print(f"finished: {', '.join(m for m in measured if m) or 'no metrics'}; MLflow run {result.run_id} "
-          f"in experiment '{cfg.tracking.experiment}'")  # fmt: skip
-    print(f"run folder: {run_dir}")
-    if not uri.startswith("http"):
-        print(f"look at it: mlflow ui --backend-store-uri {uri}")
-    else:
-        print(f"look at it: {uri}")
-
-
-def first_job(overrides: list[str]) -> list[str]:
-    """The overrides of a multirun's first job (first value of every sweep), Hydra's own keys out."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    job = []
-    for o in OverridesParser.create().parse_overrides([a for a in overrides if not a.startswith("-")]):
-        if o.get_key_element().startswith(("hydra.", "hydra/", "+hydra")):
-            continue
-        sweep = o.is_sweep_override()
-        value = next(iter(o.sweep_string_iterator())) if sweep else o.get_value_element_as_str()
-        job.append(f"{o.get_key_element()}={value}")
-    return job
-
-
-def precheck(overrides: list[str]) -> str | None:
-    """``checked_config`` as a one-line problem, or None."""
-    try:
-        checked_config(overrides)
-    except Exception as e:  # Hydra's errors span lines; the user gets the gist in one
-        return one_line(e)
-    return None
-
-
-def checked_config(overrides: list[str]) -> DictConfig:
-    """Compose the config (first value of any sweep) and build the model on the meta device, so a
-    typo or an impossible spec fails before Hydra starts any job."""
-    from research.grid import compose_run
-
-    job = first_job(overrides)
-    refuse_unread_additions(job)
-    with naming_unknown_keys(job):
-        cfg = compose_run(job)
-    check(cfg)
-    return cfg
-
-
-@contextmanager
-def naming_unknown_keys(overrides: list[str]):
-    """Hydra's hint for an unknown key is to add it with +, where nothing would read it: say
-    instead that there is no such key, and which one was likely meant."""
-    try:
-        yield
-    except Exception as e:
-        unknown = re.search(r"Could not override '([^']+)'", str(e))
-        override = next((o for o in overrides if unknown and o.split("=", 1)[0] == unknown[1]), None)
-        if override is None:
-            raise
-        raise ValueError(f"{override}: no such key{_did_you_mean(overrides, override)}") from None
-
-
-def _did_you_mean(overrides: list[str], override: str) -> str:
-    """'; did you mean KEY=VALUE?' with the nearest existing key of ``override``'s node, or ''."""
-    import difflib
-
-    from research.grid import compose_run
-
-    key, value = override.lstrip("+").split("=", 1)
-    base = compose_run([o for o in overrides if o != override])
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(base, parent, default=None) if parent else base
-    choices = [str(c) for c in node] if isinstance(node, DictConfig) else []
-    if not parent:
-        choices += [p.name for p in (Path(__file__).parent / "conf").iterdir() if p.is_dir()]
-    close = difflib.get_close_matches(leaf, choices, n=1)
-    return f"; did you mean {parent + '.' if parent else ''}{close[0]}={value}?" if close else ""
-
-
-def refuse_unread_additions(overrides: list[str]) -> None:
-    """``+key=value`` adds a key; one that no config has and no group names is read by nothing, and
-    a run with it would silently train without it (Hydra's own typo hint suggests the ``+``)."""
-    from research.grid import compose_run
-
-    added = [o for o in overrides if o.startswith("+") and not o.startswith("++") and "=" in o]
-    if not added:
-        return
-    base = compose_run([o for o in overrides if o not in added])
-    groups = {p.name for p in (Path(__file__).parent / "conf").iterdir() if p.is_dir()} | {"ablations"}
-    for o in added:
-        key = o[1:].split("=", 1)[0]
-        if key not in groups and OmegaConf.select(base, key, default=None) is None:
-            raise ValueError(f"{o} adds a key that nothing reads{_did_you_mean(overrides, o)}")
-
-
-def check(cfg: DictConfig) -> None:
-    """What can fail about a composed config, checked without data or a device."""
-    import torch
-
-    from research.config import model_config, precision_of
-    from research.model import Transformer
-    from research.ranges import check_ranges
-    from research.slurm import launcher
-    from research.strategies import make_strategy
-    from research.train import deterministic
-
-    check_ranges(cfg)
-    precision_of(cfg)
-    make_strategy(cfg.trainer)
-    deterministic(cfg.trainer)
-    launcher(cfg)
-    with torch.device("meta"):
-        Transformer(model_config(cfg, vocab_size=256))
 
 
 # Hydra's flags that take a value as the next word.
@@ -238,8 +114,7 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _train(rest: list[str]) -> None:
-    from research.grid import searchpath_override, submit_run
-    from research.slurm import launcher
+    from research.training.preflight import checked_config
 
     flags, overrides = split_flags(rest)
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
@@ -256,9 +131,11 @@ def _train(rest: list[str]) -> None:
             cfg = checked_config(overrides)
         except Exception as e:
             fail_if(one_line(e))
-        if launcher(cfg) == "slurm":  # one run with a Slurm profile becomes a Slurm job
+        if launcher_name(cfg) != "local":  # one run with a cluster profile becomes a job there
             several = any(f in ("-m", "--multirun") for f in flags)
             fail_if("several runs on Slurm go in a grid: lab grid NAME cluster=PROFILE" if several else None)
+            from research.experiments.grid import submit_run
+
             try:
                 return submit_run(cfg, first_job(overrides))
             except USER_ERRORS as e:
@@ -271,7 +148,9 @@ def _train(rest: list[str]) -> None:
 def _resume(resume: str, overrides: list[str]) -> None:
     """``lab train resume=RUN``: the run's own config continues in its own folder (no Hydra job:
     composing the defaults would train another model into the run)."""
-    from research.train import resumed_config, run_folder_of, train
+    from research.training.checkpoints import resumed_config, run_folder_of
+    from research.training.preflight import check
+    from research.training.run import train
 
     try:
         cfg = resumed_config(resume, overrides)
@@ -290,7 +169,8 @@ def _resume(resume: str, overrides: list[str]) -> None:
 def _grid(rest: list[str]) -> None:
     import argparse
 
-    from research import grid
+    from research.experiments import grid  # with torch: only once a grid is asked for
+    from research.training.preflight import precheck
 
     parser = argparse.ArgumentParser(
         prog="lab grid", description="Run a grid from ablations/, then compare it."
@@ -304,7 +184,7 @@ def _grid(rest: list[str]) -> None:
     args, overrides = parser.parse_known_args(rest)
     _refuse_unknown_options(parser, overrides)
     if args.list or not args.name:
-        print("grids: " + ", ".join(grid.available()))
+        print("grids: " + ", ".join(named_files("ablations")))
         return
     fail_if(None if args.jobs >= 1 else f"--jobs={args.jobs} is not allowed; allowed: 1 or more")
     gpus = args.gpus.split(",") if args.gpus else None
@@ -321,12 +201,10 @@ def _grid(rest: list[str]) -> None:
         problem = precheck(job.overrides)
         fail_if(f"arm '{job.arm}': {problem}" if problem else None)
     try:
-        from research.slurm import launcher
-
-        local = launcher(cfg) == "local"
+        local = launcher_name(cfg) == "local"
         failed = grid.run_grid(args.name, overrides, jobs=args.jobs, gpus=gpus, wait=args.wait)
         if local or args.wait:
-            from research.compare import compare
+            from research.experiments.compare import compare
 
             compare([cfg.ablation], uri=cfg.tracking.uri)
     except USER_ERRORS as e:
@@ -339,7 +217,7 @@ def _grid(rest: list[str]) -> None:
 def _compare(rest: list[str]) -> None:
     import argparse
 
-    from research.compare import compare
+    from research.experiments.compare import compare
 
     parser = argparse.ArgumentParser(prog="lab compare", description="Compare the arms of one or more grids.")
     parser.add_argument("names", nargs="+", help="grid (MLflow experiment) names")
@@ -370,6 +248,8 @@ def _compare(rest: list[str]) -> None:
 def _sweep(rest: list[str]) -> None:
     import argparse
 
+    from research.training.preflight import precheck
+
     parser = argparse.ArgumentParser(
         prog="lab sweep", description="Run or resume an Optuna study from sweeps/."
     )
@@ -383,23 +263,21 @@ def _sweep(rest: list[str]) -> None:
     args, overrides = parser.parse_known_args(rest)
     _refuse_unknown_options(parser, overrides)
     if args.list or not args.name:
-        from research.grid import named_files  # not research.sweep: listing needs no Optuna or torch
-
         print("studies: " + ", ".join(named_files("sweeps")))
         return
-    from research import sweep
+    from research.experiments import sweep, sweep_spec
 
     try:
-        spec = sweep.load_spec(args.name, overrides, args.trials, args.storage)
+        spec = sweep_spec.load_spec(args.name, overrides, args.trials, args.storage)
     except Exception as e:
         fail_if(one_line(e))
-    for corner in sweep.corner_overrides(spec.space):  # every space key, before the study exists
+    for corner in sweep_spec.corner_overrides(spec.space):  # every space key, before the study exists
         problem = precheck([*spec.overrides, *corner])
         fail_if(f"sweep '{args.name}' space: {problem}" if problem else None)
     fail_if(None if args.workers >= 1 else f"--workers={args.workers} is not allowed; allowed: 1 or more")
     try:
         study = sweep.run_sweep(spec, workers=args.workers, wait=args.wait)
-        waited = args.wait or sweep.slurm.launcher(sweep.compose_run(spec.overrides)) == "local"
+        waited = args.wait or launcher_name(compose_run(spec.overrides)) == "local"
     except USER_ERRORS as e:
         fail_if(one_line(e))
     states = [t.state.name for t in study.trials]
@@ -418,7 +296,7 @@ def _sweep(rest: list[str]) -> None:
 def _status(rest: list[str]) -> None:
     import argparse
 
-    from research.slurm import print_status
+    from research.experiments.status import print_status
 
     parser = argparse.ArgumentParser(prog="lab status", description="Slurm jobs of a grid or sweep.")
     parser.add_argument("name", help="the grid's ablation name or the sweep's study name")
@@ -431,8 +309,7 @@ def _status(rest: list[str]) -> None:
 
 
 def _server(rest: list[str]) -> None:
-    from research.grid import compose_run
-    from research.server import serve
+    from research.tracking.server import serve
 
     if rest[:1] in (["-h"], ["--help"]):
         print("lab server [tracking.server.KEY=VALUE ...]: run the MLflow tracking server of conf/tracking")
@@ -457,24 +334,6 @@ def fail_if(problem: str | None) -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-
-
-def quiet() -> None:
-    """Lightning's banners (GPU available, tips), MLflow's schema set-up and one upstream
-    deprecation add nothing here."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    for schema_setup in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # a new store's tables
-        logging.getLogger(schema_setup).setLevel(logging.WARNING)
-    warnings.filterwarnings(
-        "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
-    )  # Lightning vs torch 2.13
-    # Validation sums are all-reduced before they are logged (LitLM, MoEMonitor): no sync_dist needed.
-    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting")
-    # The batches are sliced from a memory-mapped array in the main process: workers would only copy.
-    warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
-    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)  # LOCAL_RANK: 0 - ...
-    # Slurm's client tools being installed does not mean this run is meant to be a Slurm job.
-    warnings.filterwarnings("ignore", message=r".*The `srun` command is available on your system")
 
 
 COMMANDS = {"train": _train, "grid": _grid, "compare": _compare, "sweep": _sweep, "status": _status,

@@ -59,7 +59,3 @@ REPORTED = (
 def spec_of(name: str) -> MetricSpec:
     """The report's spec of ``name``; a metric it does not list is shown as a plain number."""
     return next((s for s in REPORTED if s.name == name), MetricSpec(name, name, lower_is_better=True))
-
-
-# Run tags the trainer sets and the comparison reads.
-MOE_COLLAPSED = "moe.collapsed"  # "true": some MoE layer's routing collapsed (research.callbacks.MoEMonitor)

@@ -1,4 +1,4 @@
-"""``research.adamw_triton`` run by Triton's CPU interpreter (``TRITON_INTERPRET=1`` must be set
+"""``research.training.adamw_triton`` run by Triton's CPU interpreter (``TRITON_INTERPRET=1`` must be set
 before Triton is imported, so ``tests/test_optim.py`` runs this file in its own process): the
 kernel against the torch reference, over a tensor that ends inside a block, for several steps.
 
@@ -8,8 +8,8 @@ the bf16 weight is checked to within one bf16 step of its master."""
 
 import torch
 
-from research.adamw_triton import BLOCK, adamw_master_update
-from research.optim import StepScalars, adamw_master_update_reference
+from research.training.adamw_step import StepScalars, adamw_master_update_reference
+from research.training.adamw_triton import BLOCK, adamw_master_update
 
 
 def main() -> None:

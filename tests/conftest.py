@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from research.model import ModelConfig
+from research.model.transformer import ModelConfig
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from components.fp8 import quantize_activation, quantize_weight
-from components.fp8_triton import quantize_activation_triton, quantize_weight_triton
+from components.fp8.format import quantize_activation, quantize_weight
+from components.fp8.triton import quantize_activation_triton, quantize_weight_triton
 
 ONE_BINADE = 8  # E4M3 codes per power of two (3 mantissa bits)
 

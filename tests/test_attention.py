@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend
 
-from components.attention import ATTENTION
+from components.attention import ATTENTION, Attention, causal_attention
 from components.linear import make_linear
 from components.rope import RotaryEmbedding
-from research.model import Transformer
+from research.model.transformer import Transformer
 from tests.conftest import ATTENTION_SPECS, tiny_config
 
 D_MODEL = 32
@@ -146,3 +146,48 @@ def test_mla_zero_padded_values_change_nothing():
     y_padded.backward(g)
     for (name, p), p_padded in zip(plain.named_parameters(), padded.parameters(), strict=True):
         torch.testing.assert_close(p_padded.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class OneKVHead(Attention):
+    """A throwaway variant (multi-query attention, no rope): all the platform needs of one is the
+    ``Attention`` contract and a registered builder."""
+
+    def __init__(self, d_model: int, n_heads: int, linear):
+        head_dim = d_model // n_heads
+        super().__init__(n_heads, head_dim, head_dim)
+        self.wq, self.wkv, self.wo = (
+            linear(d_model, d_model),
+            linear(d_model, 2 * head_dim),
+            linear(d_model, d_model),
+        )
+
+    def kv_cache_values_per_token(self) -> int:
+        return 2 * self.qk_head_dim
+
+    def forward(self, x, positions, cache=None):
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, -1).transpose(1, 2)  # [B, H, T, D]
+        k, v = self.wkv(x).view(B, T, 1, 2, -1).unbind(3)  # each [B, T, 1, D]
+        y = causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), kernel=self.sdpa_kernel)  # [B, H, T, D]
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.fixture
+def one_kv_head():
+    ATTENTION.register("one_kv_head")(lambda d_model, linear, n_heads=4: OneKVHead(d_model, n_heads, linear))
+    yield {"name": "one_kv_head", "n_heads": 4}
+    del ATTENTION._builders["one_kv_head"]  # the registry is process-wide
+
+
+def test_a_new_attention_variant_needs_only_its_class_and_builder(one_kv_head):
+    from research.training import converters
+
+    model = Transformer(tiny_config(attention=one_kv_head)).train()
+    idx = torch.randint(0, 64, (2, 12))
+    model(idx, torch.roll(idx, -1, dims=1)).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.kv_cache_bytes_per_token() == 2 * (2 * 8) * 2  # layers x (k + v of one 8-wide head) x bf16
+    assert model.flops_per_token(12) > 3 * 2 * sum(p.numel() for p in model.blocks.parameters())
+    done = converters.convert(model, {"attention_kernel": "math"}, converters.Target(torch.device("cpu")))
+    assert done.applied == ["attention_kernel"]
+    assert {b.attn.sdpa_kernel for b in model.blocks} == {SDPBackend.MATH}

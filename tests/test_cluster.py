@@ -15,10 +15,10 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from research import metrics as M
-from research.compare import REPORT_TAG
-from research.data import RandomWindows
-from research.slurm import run_overrides, sbatch_options, wait
-from research.strategies import make_strategy
+from research.launch.slurm import run_overrides, sbatch_options, wait
+from research.tracking import tags as T
+from research.training.data import RandomWindows
+from research.training.strategies import make_strategy
 from tests.cli_helpers import TINY, error_line, history, lab, run_lab, runs
 from tests.test_grid import write_grid
 from tests.test_sweep import trials, write_sweep
@@ -41,7 +41,7 @@ def slurm():
 
 
 def grid_runs(cwd, name):
-    return [r for r in runs(cwd, name) if REPORT_TAG not in r.data.tags]
+    return [r for r in runs(cwd, name) if T.KIND not in r.data.tags]
 
 
 def newest_record(cwd, folder, name):
@@ -156,7 +156,7 @@ def test_sweep_workers_run_as_slurm_jobs_and_a_last_job_reports_and_closes_the_s
     assert [j["label"] for j in jobs] == ["worker 0: 2 trials", "worker 1: 2 trials", "report"]
     states = wait([j["job_id"] for j in jobs])  # nobody runs the sweep command again
     assert set(states.values()) == {"COMPLETED"}, states
-    from research.sweep import make_storage
+    from research.experiments.sweep import make_storage
 
     done = trials(make_storage(f"journal:{journal}"), "ssweep")
     assert len(done) == 4 and {t.state.name for t in done} == {"COMPLETE"}
@@ -186,17 +186,17 @@ def test_a_warning_signal_during_start_up_is_held_and_then_honoured(monkeypatch)
     # starts holding the signal as soon as it is unpickled in the task.
     import pickle
 
-    from research import preemption, slurm_entry
+    from research import signals
+    from research.launch.entry import TaskEntry
 
-    monkeypatch.setattr(slurm_entry, "_held", False)
-    monkeypatch.setattr(preemption, "_requested", False)
+    monkeypatch.setattr(signals, "_requested", False)
     previous = signal.getsignal(signal.SIGUSR1)
     try:
-        entry = pickle.loads(pickle.dumps(slurm_entry.SlurmEntry("os.path:join", "USR1")))
+        entry = pickle.loads(pickle.dumps(TaskEntry("os.path:join", "USR1")))
         os.kill(os.getpid(), signal.SIGUSR1)  # its default action would end this process
-        assert slurm_entry.held() and not preemption.requested()
-        preemption.install("USR1")
-        assert preemption.requested()  # the first step boundary checkpoints and requeues
+        assert signals.requested()  # held: the first step boundary checkpoints and requeues
+        signals.install("USR1")
+        assert signals.requested()  # the handler that takes over keeps what was held
         assert entry("a", "b") == os.path.join("a", "b")
     finally:
         signal.signal(signal.SIGUSR1, previous)
@@ -296,7 +296,7 @@ def test_ranks_take_disjoint_rows_that_make_up_the_one_process_batch():
 def test_profiles_map_onto_the_allocation():
     from hydra import compose, initialize_config_module
 
-    from research.grid import searchpath_override
+    from research.config.compose import searchpath_override
 
     with initialize_config_module("research.conf", version_base="1.3"):
         h100 = compose("train", overrides=[searchpath_override(), "cluster=slurm_h100", "cluster.nodes=2"])
@@ -311,7 +311,7 @@ def test_profiles_map_onto_the_allocation():
 
 
 def test_a_sites_profile_in_the_working_folder_is_found_without_an_ablations_folder(tmp_path, monkeypatch):
-    from research.grid import compose_run
+    from research.config.compose import compose_run
 
     (tmp_path / "cluster").mkdir()
     site = (
@@ -340,7 +340,7 @@ def test_strategies_by_name_and_bad_ones_in_one_line(tmp_path, shared_cache):
 
 def test_routed_experts_are_an_optimiser_group_of_their_own():
     from components.moe import GroupedExperts
-    from research.module import LitLM
+    from research.training.module import LitLM
     from tests.conftest import tiny_config
 
     optim = {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "warmup_steps": 1,
@@ -392,8 +392,7 @@ def test_jobs_log_to_a_tracking_server_started_by_lab_server(tmp_path, shared_ca
 
 
 def test_deepspeed_checkpoint_folders_are_found_and_resumed_like_files(tmp_path):
-    from research.preemption import DEEPSPEED_STATES, find_latest
-    from research.train import find_checkpoint
+    from research.training.checkpoints import DEEPSPEED_STATES, find_checkpoint, find_latest
 
     folder = tmp_path / "run" / "checkpoints" / "preempt.ckpt"  # what DeepSpeed writes: a folder
     (folder / DEEPSPEED_STATES).parent.mkdir(parents=True)

@@ -8,11 +8,12 @@ import logging
 import pytest
 from mlflow import MlflowClient
 
-import research.train as train_mod
+import research.training.run as train_mod
 from bench import quality
 from research import metrics as M
-from research.compare import RunRecord, load_runs, summarise
-from research.grid import compose_run
+from research.config.compose import compose_run
+from research.experiments.compare import RunRecord, load_runs, summarise
+from research.tracking import tags as T
 from tests.cli_helpers import TINY
 
 
@@ -29,7 +30,7 @@ def _train_moe(tmp_path, monkeypatch, caplog, forced: int):
     monkeypatch.setattr(train_mod, "build", build_then_force)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg = compose_run([*TINY, "ffn=moe", "balance=none", "trainer.max_steps=6", f"tracking.uri={uri}"])
-    with caplog.at_level(logging.WARNING, logger="research.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="research.training.callbacks"):
         result = train_mod.train(cfg, tmp_path / "run")
     return uri, MlflowClient(uri).get_run(result.run_id).data.tags
 
@@ -37,7 +38,7 @@ def _train_moe(tmp_path, monkeypatch, caplog, forced: int):
 def test_a_collapsed_router_is_warned_about_tagged_and_marked_by_compare(tmp_path, shared_cache,
                                                                         monkeypatch, caplog):  # fmt: skip
     uri, tags = _train_moe(tmp_path, monkeypatch, caplog, forced=2)
-    assert tags.get(M.MOE_COLLAPSED) == "true"
+    assert tags.get(T.MOE_COLLAPSED) == "true"
     warnings = [r.getMessage() for r in caplog.records if "routing collapsed" in r.getMessage()]
     assert warnings and "\n" not in warnings[0]
     assert "blocks.1.ffn" in warnings[0] and "E/K-1=3" in warnings[0]  # tiny: 8 experts, top-2
@@ -52,7 +53,7 @@ def test_a_router_that_still_chooses_is_not_called_collapsed(tmp_path, shared_ca
                                                             forced):  # fmt: skip
     # forced=1: expert 0 takes every token (MaxVio at its ceiling), the second slot still routes.
     _, tags = _train_moe(tmp_path, monkeypatch, caplog, forced=forced)
-    assert M.MOE_COLLAPSED not in tags
+    assert T.MOE_COLLAPSED not in tags
     assert "routing collapsed" not in caplog.text
 
 
@@ -113,6 +114,6 @@ def test_gradient_parity_passes_a_sound_compiled_path_and_fails_a_broken_one(sha
     def broken_backward(model, **options):  # a compiled path whose backward scales one gradient
         model.blocks[0].attn_norm.weight.register_hook(lambda g: g * 1e3)
 
-    monkeypatch.setattr("research.speed.compile_blocks", broken_backward)
+    monkeypatch.setattr("research.training.converters.compile_blocks", broken_backward)
     (error,) = quality.gradient_parity(tiny, repeats=1)
     assert error > quality.PARITY_MAX

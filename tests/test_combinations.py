@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from research.model import Transformer
+from research.model.transformer import Transformer
 from tests.conftest import tiny_config
 
 GRID = list(

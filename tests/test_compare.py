@@ -1,7 +1,7 @@
 """The comparison's tables read each metric's label, direction and format from research.metrics."""
 
 from research import metrics as M
-from research.compare import RunRecord, summarise, tables
+from research.experiments.compare import RunRecord, summarise, tables
 
 
 def run(arm: str, seed: int, **metrics: float) -> RunRecord:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from research.config import model_config
-from research.model import Transformer
+from research.config.build import model_config
+from research.model.transformer import Transformer
 
 GROUPS = {
     "attention": ["mha", "gqa", "mla"],

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from research import data as D
-from research.data import DataError, RandomWindows, eval_windows, split_of, tokenize_corpus
+from research.training import data as D
+from research.training.data import DataError, RandomWindows, eval_windows, split_of, tokenize_corpus
 
 
 def data_cfg(tmp_path, **kw):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from research.model import Transformer
+from research.model.transformer import Transformer
 from tests.conftest import ATTENTION_SPECS, FFN_SPECS, tiny_config
 
 MOE = FFN_SPECS["moe"]  # 8 experts in 2 groups, top-2, first layer dense
@@ -69,7 +69,7 @@ NUMERIC = [
 
 @pytest.mark.parametrize(("override", "message"), NUMERIC, ids=[n[0] for n in NUMERIC])
 def test_numeric_keys_out_of_type_or_range_are_refused_by_name(override, message):
-    from research.cli import checked_config
+    from research.training.preflight import checked_config
 
     with pytest.raises(ValueError) as err:
         checked_config(["model=tiny", override])
@@ -77,7 +77,7 @@ def test_numeric_keys_out_of_type_or_range_are_refused_by_name(override, message
 
 
 def test_numeric_keys_in_range_pass():
-    from research.cli import checked_config
+    from research.training.preflight import checked_config
 
     in_range = ["trainer.devices=[0,1]", "trainer.max_steps=1", "data.val_fraction=1"]
     cfg = checked_config(["model=tiny", *in_range])

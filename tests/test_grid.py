@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 from scipy import stats
 
 from research import metrics as M
-from research.compare import REPORT_TAG, compare, load_ratios, welch
+from research.experiments.compare import compare, load_ratios, welch
+from research.tracking import tags as T
 from tests.cli_helpers import run_lab, runs
 
 TINY_GRID = """\
@@ -37,7 +38,7 @@ def write_grid(cwd, name, grid):
 
 
 def finished_runs(cwd, name):
-    return [r for r in runs(cwd, name) if REPORT_TAG not in r.data.tags]
+    return [r for r in runs(cwd, name) if T.KIND not in r.data.tags]
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +110,10 @@ def test_compare_filters_and_logs_the_report_to_mlflow(grid_2x2, tmp_path):
         compare(["g2x2"], uri=uri, baseline="attention=x", show=False)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("g2x2")
-    reports = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(REPORT_TAG) == "report"]
+    reports = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(T.KIND) == "report"]
     assert reports and "report.html" in {a.path for a in client.list_artifacts(reports[0].info.run_id)}
     compare(["g2x2"], uri=uri, where={"attention.name": "mla"}, out=tmp_path / "mla again", show=False)
-    again = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(REPORT_TAG) == "report"]
+    again = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(T.KIND) == "report"]
     assert len(again) == len(reports)  # the same runs compared again: their report run, updated
     with pytest.raises(ValueError, match="no MLflow experiment 'nope'"):
         compare(["nope"], uri=uri, show=False)
@@ -255,7 +256,7 @@ def test_welch_interval():
 def test_a_run_killed_hard_is_closed_as_failed(tmp_path):
     from omegaconf import OmegaConf
 
-    from research.grid import Job, _record_failure
+    from research.experiments.grid import Job, _record_failure
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -267,19 +268,18 @@ def test_a_run_killed_hard_is_closed_as_failed(tmp_path):
     cfg = OmegaConf.create(
         {"tracking": {"uri": uri, "experiment": "killed"}, "ablation": "killed", "grid": {}}
     )
-    _record_failure(cfg, Job(0, "a", 0, run_dir=job_dir), -9)
+    _record_failure(cfg, Job(0, "a", 0, run_dir=job_dir), "FAILED (exit code -9)")
     closed = client.get_run(orphan.info.run_id)
-    assert (
-        closed.info.status == "FAILED" and closed.data.tags["failure_reason"] == "process exited with code -9"
-    )
+    assert closed.info.status == "FAILED"
+    assert closed.data.tags["failure_reason"] == "job ended FAILED (exit code -9)"
     assert client.get_run(neighbour.info.run_id).info.status == "RUNNING"
 
 
 @pytest.mark.parametrize("name", ["attention", "balance", "moe_granularity", "mtp", "precision", "quick",
                                   "v3_replication"])  # fmt: skip
 def test_every_shipped_grid_composes_and_each_arm_builds(name):
-    from research.cli import precheck
-    from research.grid import available, compose_grid, expand
+    from research.experiments.grid import available, compose_grid, expand
+    from research.training.preflight import precheck
 
     assert name in available()
     cfg = compose_grid(name, [])
@@ -293,7 +293,7 @@ def test_every_shipped_grid_composes_and_each_arm_builds(name):
 
 def test_named_arms_cross_with_params():
     """grid.arms and grid.params together: every named arm with every combination (the gate's grid)."""
-    from research.grid import arms, compose_grid
+    from research.experiments.grid import arms, compose_grid
 
     got = arms(compose_grid("quality_gate", []))
     assert len(got) == 5 * 2
@@ -304,7 +304,7 @@ def test_named_arms_cross_with_params():
 def test_a_relaunch_resumes_only_from_folders_under_the_grids_own_output(tmp_path, monkeypatch):
     import torch
 
-    from research.grid import _previous_runs
+    from research.experiments.grid import _previous_runs
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
@@ -322,7 +322,7 @@ def test_a_relaunch_resumes_only_from_folders_under_the_grids_own_output(tmp_pat
 
 
 def test_an_unfinished_run_with_nothing_to_resume_is_closed_as_killed(tmp_path, monkeypatch):
-    from research.grid import _previous_runs
+    from research.experiments.grid import _previous_runs
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from research.hf_import import from_hf_deepseek_v3  # noqa: E402
+from research.model.hf_import import from_hf_deepseek_v3  # noqa: E402
 
 
 def tiny_hf_config(rope_interleave: bool):

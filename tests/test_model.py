@@ -1,8 +1,8 @@
 import torch
 import torch.nn.functional as F
 
-from research.model import Transformer
-from research.model_stats import build_on_meta, main
+from research.model.stats import build_on_meta, main
+from research.model.transformer import Transformer
 from tests.conftest import tiny_config
 
 

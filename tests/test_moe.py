@@ -5,8 +5,7 @@ import torch
 
 from components.balance import BalancePolicy, build_balance, max_violation
 from components.linear import make_linear
-from components.moe import _top_k_indices, build_moe, grouped_mm
-from tests.reference import moe_reference
+from components.moe import _top_k_indices, build_moe, grouped_mm, moe_reference
 
 C = 32
 

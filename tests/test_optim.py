@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from research import speed
-from research.module import LitLM
-from research.optim import MasterAdamW
+from research.training import converters as speed
+from research.training.module import LitLM
+from research.training.optim import MasterAdamW
 from tests.conftest import assert_ok_under_triton_interpreter, tiny_config
 
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}

@@ -10,10 +10,12 @@ from lightning.pytorch.loggers import Logger
 from mlflow import MlflowClient
 
 from research import metrics as M
-from research import preemption
-from research.callbacks import StepCheckpoint
-from research.module import LitLM
-from research.tracking import OnceAStepLogger
+from research import signals
+from research.launch import slurm
+from research.tracking.store import OnceAStepLogger
+from research.training import preemption
+from research.training.callbacks import StepCheckpoint
+from research.training.module import LitLM
 from tests.conftest import tiny_config
 
 OPTIM = {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "warmup_steps": 1,
@@ -41,15 +43,15 @@ class SignalAt(L.Callback):
 
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step:
-            preemption._on_signal(0, None)
+            signals._raise_flag(0, None)
 
 
 @pytest.mark.parametrize("signal_step", [5, 7])  # a logging step, and one between them
 def test_requeue_keeps_the_metrics_of_the_step_it_lands_on(tmp_path, monkeypatch, signal_step):
     monkeypatch.setenv("SLURM_JOB_ID", "1")
-    monkeypatch.setattr(preemption, "_requested", False)
+    monkeypatch.setattr(signals, "_requested", False)
     done = subprocess.CompletedProcess([], 0, "", "")
-    monkeypatch.setattr(preemption.subprocess, "run", lambda *a, **k: done)
+    monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: done)
     logger = Recorded()
     trainer = L.Trainer(
         accelerator="cpu", max_steps=20, log_every_n_steps=5, logger=logger, enable_checkpointing=False,
@@ -89,9 +91,9 @@ def test_a_step_checkpoint_comes_after_its_step_is_recorded_once(tmp_path):
 
 def test_a_requeued_run_waits_as_scheduled_not_failed(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "1")
-    monkeypatch.setattr(preemption, "_requested", False)
+    monkeypatch.setattr(signals, "_requested", False)
     done = subprocess.CompletedProcess([], 0, "", "")
-    monkeypatch.setattr(preemption.subprocess, "run", lambda *a, **k: done)
+    monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: done)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
     logger = OnceAStepLogger(experiment_name="requeue", tracking_uri=client.tracking_uri)
     trainer = L.Trainer(

@@ -13,12 +13,11 @@ from torch.nn.attention import sdpa_kernel
 import components.attention
 from components.loss import chunk_for, cross_entropy_chunk, linear_cross_entropy
 from research import metrics as M
-from research import speed
-from research.callbacks import DivergenceGuard, PerfMonitor
 from research.errors import TrainingDiverged
-from research.model import Transformer
-from research.module import LitLM
-from research.train import speed_options
+from research.model.transformer import Transformer
+from research.training import converters as speed
+from research.training.callbacks import DivergenceGuard, PerfMonitor
+from research.training.module import LitLM
 from tests.conftest import ATTENTION_SPECS, tiny_config
 
 
@@ -271,7 +270,7 @@ def test_divergence_guard_reports_the_first_bad_step_at_its_next_check():
 
 def test_perf_monitor_logs_each_window_on_logging_steps(monkeypatch):
     clock = iter([0.0, 1.0, 4.0, 5.0, 6.0, 10.0])  # a reading at the warm-up step and each log step
-    monkeypatch.setattr("research.callbacks.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("research.training.callbacks.time.perf_counter", lambda: next(clock))
     logged = []
     module = SimpleNamespace(device=torch.device("cpu"), log_dict=lambda v: logged.append(v),
                              model=SimpleNamespace(flops_per_token=lambda seq: 1.0))  # fmt: skip
@@ -315,15 +314,32 @@ def test_each_batch_marks_a_new_cuda_graph_step_when_graphs_are_on(graphs, monke
     assert len(marks) == (2 if graphs else 0)
 
 
+def test_the_options_defaults_are_the_trainer_configs_and_stated_there_only():
+    from research.config.compose import compose_run
+
+    assert speed.options_of(compose_run([]).trainer) == dict.fromkeys(speed.PLAIN, "auto")
+    with pytest.raises(Exception, match="fused_loss"):  # a config without the key: not a silent default
+        speed.options_of(OmegaConf.create({"compile": "auto", "cuda_graphs": "auto"}))
+
+
 def test_a_deterministic_run_is_not_compiled_unless_asked():
-    t = OmegaConf.create({"compile": "auto", "fused_loss": "auto", "deterministic": True})
+    t = OmegaConf.create(
+        {
+            "compile": "auto",
+            "cuda_graphs": False,
+            "fused_loss": "auto",
+            "bf16_expert_weights": False,
+            "attention_kernel": "auto",
+            "deterministic": True,
+        }
+    )
     want = {"compile": False, "cuda_graphs": False, "fused_loss": "auto", "bf16_expert_weights": False,
             "attention_kernel": "auto"}  # fmt: skip
-    assert speed_options(t) == want
+    assert speed.options_of(t) == want
     t.compile = True
-    assert speed_options(t)["compile"] is True
+    assert speed.options_of(t)["compile"] is True
     t.deterministic, t.compile = False, "auto"
-    assert speed_options(t)["compile"] == "auto"
+    assert speed.options_of(t)["compile"] == "auto"
 
 
 def test_a_fused_optimizer_is_clipped_by_the_module_itself():

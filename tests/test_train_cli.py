@@ -254,7 +254,7 @@ def test_passwords_in_urls_are_never_recorded(tmp_path, shared_cache):
 
 
 def test_redact_masks_only_the_password():
-    from research.redaction import redact
+    from research.runtime import redact
 
     assert (
         redact("postgresql+psycopg2://lab:lab@127.0.0.1:5432/mlflow")
@@ -287,8 +287,8 @@ def test_a_resume_that_would_change_the_run_is_refused_before_the_run_is_reopene
 
 
 def test_the_server_puts_mlflows_login_app_in_front_only_when_asked():
-    from research.grid import compose_run
-    from research.server import server_command
+    from research.config.compose import compose_run
+    from research.tracking.server import server_command
 
     plain = server_command(compose_run([]).tracking.server)
     assert "--app-name" not in plain and plain[plain.index("--host") + 1] == "127.0.0.1"

@@ -1,0 +1,2 @@
+"""The tracking layer: every MLflow query and write of the platform (``store``), the tag names
+(``tags``), and ``lab server``."""
