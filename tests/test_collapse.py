@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -88,12 +89,32 @@ PLAIN = _runs("a speed=plain", [1.52, 1.55, 1.58], [0.30, 0.40, 0.35])
     (_runs("a speed=auto", [1.53, 1.56, 1.54], [1.90, 2.10, 2.00]), False),  # balance lost
     (_runs("a speed=auto", [1.53, 1.56, 1.54], [0.3, 0.4, 0.3], status="FAILED"), False),
     ([], False),  # an arm that never ran
+    # a MoE arm at 200 steps, as measured: the paths differ by +-0.1 bpb seed by seed, for no reason
+    (_runs("a speed=auto", [1.636, 1.473, 1.713], [0.31, 0.36, 0.33]), True),
+    (_runs("a speed=auto", [1.55, 1.65, 1.66], [0.31, 0.36, 0.33]), False),  # large gap, p < 0.05
+    (_runs("a speed=auto", [4.52, 1.55, 1.68], [0.31, 0.36, 0.33]), False),  # a gap no spread explains
 ])  # fmt: skip
 def test_the_gate_fails_a_fast_path_that_learns_less_or_routes_differently(fast, ok):
     (verdict,) = quality.judge([*PLAIN, *fast])
     assert verdict.arm == "a"
     assert verdict.ok is ok, verdict.problems
     assert bool(verdict.problems) is not ok
+
+
+def test_the_gate_states_the_gap_it_could_have_seen():
+    """A pass rules out only gaps the seeds' spread lets the strict test see: the table says which."""
+    from scipy import stats
+
+    fast = [1.636, 1.473, 1.713]
+    plain = [r.metrics[M.VAL_BPB] for r in PLAIN]
+    diffs = np.subtract(fast, plain)
+    se = np.std(diffs, ddof=1) / np.sqrt(3)
+    got = quality.judge_bpb(fast, plain, paired=True)
+    assert got.detectable == pytest.approx(stats.t.ppf(1 - quality.P_VALUE, 2) * se)
+    assert got.ok and got.detectable > got.delta  # what passed here was too small to be seen
+    # at the detectable gap itself, the strict test's p is the threshold
+    shifted = list(np.add(plain, diffs - diffs.mean() + got.detectable))
+    assert quality.t_test_p(shifted, plain, "greater", True) == pytest.approx(quality.P_VALUE)
 
 
 def test_the_gate_counts_collapsed_seeds_against_the_plain_paths():
