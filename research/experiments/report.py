@@ -36,6 +36,7 @@ def _img(path: Path) -> str:
 def print_tables(tables: list[tuple[str, Rows]], failures: list[str] = ()) -> None:
     """The same tables in the terminal (rich), wide enough for a CI log or a pipe."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -43,14 +44,14 @@ def print_tables(tables: list[tuple[str, Rows]], failures: list[str] = ()) -> No
     for caption, rows in tables:
         if len(rows) < 2:
             continue
-        table = Table(title=caption)
+        table = Table(title=escape(caption))  # cells are text: "mla [small]" is no style tag
         for i, header in enumerate(rows[0]):
-            table.add_column(header, justify="left" if i == 0 or header == "runs" else "right")
+            table.add_column(escape(header), justify="left" if i == 0 or header == "runs" else "right")
         for row in rows[1:]:
-            table.add_row(*row)
+            table.add_row(*map(escape, row))
         console.print(table)
     for line in failures:
-        console.print(f"[red]FAILED[/red] {line}")
+        console.print(f"[red]FAILED[/red] {escape(line)}")
 
 
 def write_report(
