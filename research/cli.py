@@ -4,7 +4,7 @@ lab train [OVERRIDES]                 train one config (Hydra: -m for a multirun
 lab grid NAME [OVERRIDES] [--jobs N] [--gpus 0,1,..] [--wait]
                                       run the grid ablations/NAME.yaml, then compare its arms;
                                       cluster=PROFILE sends it to Slurm as a job array
-lab compare NAME [NAME..] [--where KEY=VALUE] [--baseline ARM] [--out DIR] [--uri URI]
+lab compare NAME [NAME..] [--where KEY=VALUE] [--baseline ARM] [--summary METRIC=HOW] [--out DIR]
                                       table, plots and report of grids already run
 lab sweep NAME [OVERRIDES] [--workers N] [--trials N] [--storage URL] [--wait]
                                       run (or resume) the Optuna study sweeps/NAME.yaml;
@@ -228,10 +228,15 @@ def _compare(rest: list[str]) -> None:
     parser.add_argument("--out", type=Path, help="report folder (default: reports/NAME/TIMESTAMP)")
     parser.add_argument("--all-configs", action="store_true",
                         help="also runs of other configs than the newest, as arms of their own")  # fmt: skip
+    parser.add_argument("--summary", action="append", default=[], metavar="METRIC=HOW",
+                        help="one run's number from its history: last (default), min, max or mean_last_K, "
+                             "e.g. val/bpb=mean_last_3")  # fmt: skip
     args = parser.parse_args(rest)
-    bad = [w for w in args.where if "=" not in w]
-    fail_if(f"--where {bad[0]!r} is not KEY=VALUE" if bad else None)
+    for option, given in (("--where", args.where), ("--summary", args.summary)):
+        bad = [w for w in given if "=" not in w]
+        fail_if(f"{option} {bad[0]!r} is not KEY=VALUE" if bad else None)
     where = dict(w.split("=", 1) for w in args.where)
+    summaries = dict(w.split("=", 1) for w in args.summary)
     try:
         compare(
             args.names,
@@ -240,6 +245,7 @@ def _compare(rest: list[str]) -> None:
             baseline=args.baseline,
             out=args.out,
             all_configs=args.all_configs,
+            summaries=summaries,
         )
     except USER_ERRORS as e:
         fail_if(one_line(e))

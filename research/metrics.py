@@ -23,11 +23,14 @@ PEAK_MEM_GIB_JOB = "perf/peak_mem_gib_job"  # the sum over the ranks
 MAXVIO_BATCH = "moe/maxvio_batch"
 MAXVIO_GLOBAL = "moe/maxvio_global"
 KV_CACHE_BYTES_PER_TOKEN = "attn/kv_cache_bytes_per_token"
+FLOPS_PER_TOKEN = "model/train_flops_per_token"  # forward + backward, MTP and active experts only
+PARAMS = "model/params"
+ACTIVE_PARAMS = "model/active_params"  # those one token touches
 
 ALL = (
     TRAIN_LOSS, TRAIN_LM_LOSS, TRAIN_MTP_LOSS, TRAIN_BALANCE_LOSS, VAL_LOSS, VAL_BPB, TOKENS_PER_S,
     TOKENS_PER_S_PER_GPU, MFU, STEP_MS, PEAK_MEM_GIB, PEAK_MEM_GIB_JOB, MAXVIO_BATCH, MAXVIO_GLOBAL,
-    KV_CACHE_BYTES_PER_TOKEN,
+    KV_CACHE_BYTES_PER_TOKEN, FLOPS_PER_TOKEN, PARAMS, ACTIVE_PARAMS,
 )  # fmt: skip
 
 
@@ -37,6 +40,7 @@ class MetricSpec:
     label: str  # the column header
     lower_is_better: bool
     integer: bool = False  # shown as 1,234 rather than 0.1234
+    summary: str = "last"  # one run's number from its history: see ``summarise_history``
 
     def format(self, value: float) -> str:
         if value != value:  # NaN
@@ -59,3 +63,30 @@ REPORTED = (
 def spec_of(name: str) -> MetricSpec:
     """The report's spec of ``name``; a metric it does not list is shown as a plain number."""
     return next((s for s in REPORTED if s.name == name), MetricSpec(name, name, lower_is_better=True))
+
+
+SUMMARIES = "last, min, max, or mean_last_K (the mean of the last K evaluations, e.g. mean_last_3)"
+
+
+def summarise_history(values: list[float], how: str) -> float:
+    """One run's number for a metric from its values in step order: the ``last``, the ``min`` or
+    ``max``, or ``mean_last_K``, which smooths the noise of one evaluation."""
+    last_k = _last_k(how)
+    if how == "last":
+        return values[-1]
+    if how in ("min", "max"):
+        return min(values) if how == "min" else max(values)
+    if last_k is None:
+        raise ValueError(f"summary {how!r} is not allowed; allowed: {SUMMARIES}")
+    tail = values[-last_k:]
+    return sum(tail) / len(tail)
+
+
+def check_summary(how: str) -> None:
+    if how not in ("last", "min", "max") and _last_k(how) is None:
+        raise ValueError(f"summary {how!r} is not allowed; allowed: {SUMMARIES}")
+
+
+def _last_k(how: str) -> int | None:
+    k = how.removeprefix("mean_last_")
+    return int(k) if how.startswith("mean_last_") and k.isdigit() and int(k) > 0 else None

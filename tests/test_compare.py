@@ -16,7 +16,7 @@ def test_a_metric_added_to_reported_is_a_column_with_its_label_direction_and_for
     runs = [run("a", s, **{M.VAL_BPB: 1.5 + s / 100, name: 1000.0 + s}) for s in (0, 1)]
     runs += [run("b", s, **{M.VAL_BPB: 1.4 + s / 100, name: 3000.0 + s}) for s in (0, 1)]
     metrics = tuple(spec.name for spec in M.REPORTED)
-    means, deltas = tables(summarise(runs, metrics, "a"), metrics, "a")
+    means, deltas = tables(summarise(runs, metrics, "a"), metrics)
     assert means[0] == ["arm", "runs", "val/bpb", "tokens/J"]  # only the columns some run recorded
     assert means[2][3] == "3,000 ± 1"  # integer format
     assert deltas[0] == ["arm", "Δ val/bpb ↓", "Δ tokens/J ↑"]

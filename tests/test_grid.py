@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 from scipy import stats
 
 from research import metrics as M
-from research.experiments.compare import compare, load_ratios, welch
+from research.experiments.compare import compare, load_ratios
+from research.experiments.significance import welch
 from research.tracking import tags as T
 from tests.cli_helpers import run_lab, runs
 
@@ -73,8 +74,8 @@ def test_compare_aggregates_match_mlflow_raw_metrics(grid_2x2, tmp_path):
     uri = f"sqlite:///{cwd / 'mlruns.db'}"
     report = compare(["g2x2"], uri=uri, out=tmp_path / "report", show=False, log_to_mlflow=False)
     by_arm = {}
-    for r in finished_runs(cwd, "g2x2"):
-        by_arm.setdefault(r.data.tags["arm"], []).append(r.data.metrics)
+    for r in sorted(finished_runs(cwd, "g2x2"), key=lambda r: int(r.data.params["seed"])):
+        by_arm.setdefault(r.data.tags["arm"], []).append(r.data.metrics)  # in seed order: pairs
     base = by_arm["attention=mha ffn=dense"]
     for s in report.summaries:
         raw = by_arm[s.arm]
@@ -87,9 +88,10 @@ def test_compare_aggregates_match_mlflow_raw_metrics(grid_2x2, tmp_path):
                 assert d.delta == pytest.approx(
                     np.mean(values) - np.mean([m[metric] for m in base]), rel=1e-12
                 )
-                assert d.p_value == pytest.approx(
-                    stats.ttest_ind(values, [m[metric] for m in base], equal_var=False).pvalue
-                )
+                base_values = [m[metric] for m in base]
+                if np.ptp(np.subtract(values, base_values)) > 0:  # the seeds pair: the paired test
+                    assert d.test == "paired t"
+                    assert d.p_value == pytest.approx(stats.ttest_rel(values, base_values).pvalue)
         assert (M.MAXVIO_GLOBAL in s.stats) == ("moe" in s.arm)
     files = {p.name for p in (tmp_path / "report").iterdir()}
     assert {"report.html", "summary.md", "runs.csv", "summary.json", "val_curves.png", "pareto.png",
@@ -143,7 +145,9 @@ def test_report_renders_in_headless_chromium(grid_2x2, tmp_path):
     found = dict(re.findall(r'data-(images|loaded|tables)="(\d+)"', dom.stdout))
     assert found, dom.stderr[-2000:]
     assert int(found["images"]) == 3 and found["loaded"] == found["images"]
-    assert int(found["tables"]) == 4 + 3  # one row per arm, one delta row per non-baseline arm
+    # a row per arm; a delta row per non-baseline arm; its val/bpb evidence (the baseline, dense, has
+    # no MaxVio to test against); what each arm trained
+    assert int(found["tables"]) == 4 + 3 + 3 + 4
     shot = report.folder / "screenshot.png"
     page_url = f"file://{report.folder / 'report.html'}"
     subprocess.run(

@@ -3,8 +3,14 @@
 ``compare(["attention"])`` reads the runs of one or more grids (MLflow experiments), keeps the
 latest run of each (arm, seed), and produces
 
-- per arm: mean +- std over seeds of each metric; the delta against the baseline arm with a 95%
-  confidence interval and a Welch t-test p-value;
+- per arm: mean +- std over seeds of each metric, each run's number taken from its history as
+  the metric's summary says (last, min, max, mean of the last K); the delta against the baseline
+  arm with a 95% confidence interval, paired by seed (``research.experiments.significance``), its
+  p-value with Holm's correction across the arms, Wilcoxon's test, and the seeds a difference of
+  that size needs;
+- what each arm trained: steps, tokens and training FLOPs, and the budget that set them;
+- on a ladder of sizes (``grid.sizes``), each arm at each size against the baseline at that size,
+  and per arm a scaling fit of val/bpb against compute (``research.experiments.scaling``);
 - plots: validation curves (mean and band over seeds), quality against throughput and against
   memory (Pareto), expert-load heatmaps of MoE arms;
 - a folder with a self-contained ``report.html``, ``summary.md``, ``runs.csv`` and
@@ -13,6 +19,7 @@ latest run of each (arm, seed), and produces
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import json
@@ -27,7 +34,9 @@ import matplotlib
 import numpy as np
 
 from research import metrics as M
+from research.experiments import scaling
 from research.experiments.report import print_tables, write_report
+from research.experiments.significance import ALPHA, POWER, Delta, compare_by_seed, holm
 from research.runtime import stamped
 from research.tracking import store
 from research.tracking import tags as T
@@ -49,6 +58,11 @@ class RunRecord:
     base: str = ""  # tag grid.base: the launch's config without its arms ("" before it was recorded)
     started: int = 0  # start time, ms
     params: dict[str, str] = field(default_factory=dict)
+    size: str = ""  # its rung of the grid's ladder (param grid.size; "" without one)
+
+    @property
+    def cell(self) -> str:  # its arm at its size
+        return f"{self.arm} [{self.size}]" if self.size else self.arm
 
 
 @dataclass
@@ -59,18 +73,11 @@ class Stat:
 
 
 @dataclass
-class Delta:
-    delta: float  # arm mean - baseline mean
-    ci_low: float  # 95% Welch confidence interval of the delta (nan with fewer than 2 seeds a side)
-    ci_high: float
-    p_value: float  # Welch's t-test
-
-
-@dataclass
 class ArmSummary:
-    arm: str
+    arm: str  # its arm at its size (RunRecord.cell)
     finished: int
     failed: int
+    is_baseline: bool = False
     stats: dict[str, Stat] = field(default_factory=dict)
     deltas: dict[str, Delta] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -81,7 +88,7 @@ def load_runs(uri: str, experiments: list[str], where: dict[str, str] | None = N
     """The latest run of each (experiment, arm, seed), a FINISHED one preferred; ``where`` keeps runs
     whose params match (e.g. ``{"model.name": "small"}``)."""
     client = store.client(uri)
-    latest: dict[tuple[str, str, int], Any] = {}
+    latest: dict[tuple[str, str, int, str, str], Any] = {}
     for name in experiments:
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -94,7 +101,7 @@ def load_runs(uri: str, experiments: list[str], where: dict[str, str] | None = N
             if where and any(run.data.params.get(k) != str(v) for k, v in where.items()):
                 continue
             key = (name, run.data.tags.get(T.ARM, "(defaults)"), int(run.data.params.get("seed", 0)),
-                   run.data.tags.get(T.GRID_BASE, ""))  # fmt: skip
+                   run.data.tags.get(T.GRID_BASE, ""), run.data.params.get("grid.size", ""))  # fmt: skip
             prev = latest.get(key)
             if prev is None or run.info.status == "FINISHED" or prev.info.status != "FINISHED":
                 latest[key] = run
@@ -112,8 +119,9 @@ def load_runs(uri: str, experiments: list[str], where: dict[str, str] | None = N
             base,
             run.info.start_time or 0,
             dict(run.data.params),
+            size,
         )
-        for (exp_name, arm, seed, base), run in latest.items()
+        for (exp_name, arm, seed, base, size), run in latest.items()
     ]
 
 
@@ -187,42 +195,54 @@ def what_it_compares(runs: list[RunRecord]) -> str:
             f"precision {values('precision.name')}, seeds {seeds}")  # fmt: skip
 
 
-def welch(a: list[float], b: list[float]) -> Delta:
-    from scipy import stats
-
-    delta = float(np.mean(a) - np.mean(b))
-    if len(a) < 2 or len(b) < 2:
-        return Delta(delta, math.nan, math.nan, math.nan)
-    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return Delta(delta, delta, delta, math.nan)
-    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = float(stats.t.ppf(0.975, dof)) * se
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    return Delta(delta, delta - half, delta + half, p)
-
-
 def summarise(runs: list[RunRecord], metrics: tuple[str, ...], baseline: str | None) -> list[ArmSummary]:
-    arms: dict[str, list[RunRecord]] = {}
-    for r in sorted(runs, key=lambda r: (r.arm, r.seed)):
-        arms.setdefault(r.arm, []).append(r)
-    finished = {arm: [r for r in rs if r.status == "FINISHED"] for arm, rs in arms.items()}
+    """Per arm (at each size: a ladder's arms are compared with the baseline at their own size):
+    mean and std of each metric over the finished seeds, and the delta against ``baseline``
+    paired by seed, with Holm's correction over the arms of a size for each metric."""
+    cells: dict[str, list[RunRecord]] = {}
+    for r in sorted(runs, key=lambda r: (r.size, r.arm, r.seed)):
+        cells.setdefault(r.cell, []).append(r)
     out = []
-    for arm, rs in arms.items():
-        s = ArmSummary(arm, len(finished[arm]), sum(r.status == "FAILED" for r in rs))
+    for rs in cells.values():
+        first = rs[0]
+        base_cell = f"{baseline} [{first.size}]" if first.size else baseline
+        finished, failed = sum(r.status == "FINISHED" for r in rs), sum(r.status == "FAILED" for r in rs)
+        s = ArmSummary(first.cell, finished, failed, is_baseline=first.arm == baseline)
         s.failures = [f"seed {r.seed}: {r.reason or r.status}" for r in rs if r.status != "FINISHED"]
         s.collapsed = [r.seed for r in rs if r.collapsed]
         for m in metrics:
-            values = [r.metrics[m] for r in finished[arm] if m in r.metrics]
+            values = _by_seed(rs, m)
             if values:
-                std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-                s.stats[m] = Stat(float(np.mean(values)), std, len(values))
-            base = [r.metrics[m] for r in finished.get(baseline or "", []) if m in r.metrics]
-            if values and base and arm != baseline:
-                s.deltas[m] = welch(values, base)
+                std = float(np.std(list(values.values()), ddof=1)) if len(values) > 1 else math.nan
+                s.stats[m] = Stat(float(np.mean(list(values.values()))), std, len(values))
+            base = _by_seed(cells.get(base_cell or "", []), m)
+            if values and base and not s.is_baseline:
+                s.deltas[m] = compare_by_seed(values, base)
         out.append(s)
+    for m in metrics:  # one family per metric and size: the arms compared with that baseline
+        for size in dict.fromkeys(r.size for r in runs):
+            family = [s.deltas[m] for s, rs in zip(out, cells.values(), strict=True)
+                      if m in s.deltas and rs[0].size == size]  # fmt: skip
+            for d, adjusted in zip(family, holm([d.p_value for d in family]), strict=True):
+                d.p_holm = adjusted
     return out
+
+
+def _by_seed(runs: list[RunRecord], metric: str) -> dict[int, float]:
+    return {r.seed: r.metrics[metric] for r in runs if r.status == "FINISHED" and metric in r.metrics}
+
+
+def apply_summaries(uri: str, runs: list[RunRecord], how: dict[str, str]) -> None:
+    """Each run's number for each metric in ``how`` (other than ``last``) from its history."""
+    client = store.client(uri)
+    for metric, choice in how.items():
+        M.check_summary(choice)
+        if choice == "last":
+            continue
+        for r in runs:
+            if metric in r.metrics:
+                history = sorted((m.step, m.value) for m in client.get_metric_history(r.run_id, metric))
+                r.metrics[metric] = M.summarise_history([v for _, v in history], choice)
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -236,7 +256,7 @@ def _curves(
     for r in runs:
         if r.status == "FINISHED":
             history = sorted((m.step, m.value) for m in client.get_metric_history(r.run_id, metric))
-            curves.setdefault(r.arm, []).append(history)
+            curves.setdefault(r.cell, []).append(history)
     return curves
 
 
@@ -325,14 +345,14 @@ def plot_expert_loads(uri: str, runs: list[RunRecord], path: Path) -> Path | Non
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny file is noise
     loads: dict[str, np.ndarray] = {}
     for r in runs:
-        if r.status != "FINISHED" or r.arm in loads or M.MAXVIO_GLOBAL not in r.metrics:
+        if r.status != "FINISHED" or r.cell in loads or M.MAXVIO_GLOBAL not in r.metrics:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 local = client.download_artifacts(r.run_id, "expert_load.json", tmp)
             except MlflowException:  # no loads recorded (e.g. an interrupted run): leave it out
                 continue
-            loads[r.arm] = np.array(json.loads(Path(local).read_text())["loads"], dtype=float)
+            loads[r.cell] = np.array(json.loads(Path(local).read_text())["loads"], dtype=float)
     if not loads:
         return None
     from matplotlib.colors import TwoSlopeNorm
@@ -372,10 +392,11 @@ def _delta(d: Delta) -> str:
         return f"{_signed(d.delta)} (one seed)"
     if d.ci_low == d.ci_high:
         return f"{_signed(d.delta)} (no spread)"
-    return f"{_signed(d.delta)} [{_signed(d.ci_low)}, {_signed(d.ci_high)}] p={d.p_value:.2g}"
+    holm = f" (Holm {d.p_holm:.2g})" if not math.isnan(d.p_holm) and d.p_holm != d.p_value else ""
+    return f"{_signed(d.delta)} [{_signed(d.ci_low)}, {_signed(d.ci_high)}] p={d.p_value:.2g}{holm}"
 
 
-def tables(summaries: list[ArmSummary], metrics: tuple[str, ...], baseline: str | None) -> tuple[list, list]:
+def tables(summaries: list[ArmSummary], metrics: tuple[str, ...]) -> tuple[list, list]:
     """Rows of the mean +- std table and of the delta table (strings, shared by terminal/HTML/MD)."""
     shown = [m for m in metrics if any(m in s.stats for s in summaries)]
     headers = [M.spec_of(m).label for m in shown]
@@ -384,13 +405,139 @@ def tables(summaries: list[ArmSummary], metrics: tuple[str, ...], baseline: str 
         cells = [_mean_std(s.stats[m], m) if m in s.stats else "-" for m in shown]
         runs = f"{s.finished} ok" + (f", {s.failed} FAILED" if s.failed else "")
         runs += f", {len(s.collapsed)} COLLAPSED" if s.collapsed else ""
-        means.append([s.arm + (" (baseline)" if s.arm == baseline else ""), runs, *cells])
+        means.append([s.arm + (" (baseline)" if s.is_baseline else ""), runs, *cells])
     better = ["↓" if M.spec_of(m).lower_is_better else "↑" for m in shown]  # which way is better
     deltas = [["arm", *[f"Δ {h} {b}" for h, b in zip(headers, better, strict=True)]]]
     for s in summaries:
-        if s.arm != baseline:
+        if not s.is_baseline:
             deltas.append([s.arm, *[_delta(s.deltas[m]) if m in s.deltas else "-" for m in shown]])
     return means, deltas
+
+
+EVIDENCE = (M.VAL_BPB, M.MAXVIO_GLOBAL)  # the quality questions, tested in full
+
+
+def evidence_table(summaries: list[ArmSummary]) -> list[list[str]]:
+    """Per arm and quality metric: the test, its p, Holm's, Wilcoxon's, and the seeds a
+    difference of the observed size needs for p < 0.05 at 80% power."""
+    rows = [["arm", "metric", "test (seeds)", "p", "Holm p", "Wilcoxon p", f"seeds for p<{ALPHA:g}"]]
+    fmt = lambda p: "-" if math.isnan(p) else f"{p:.2g}"  # noqa: E731
+    for s in summaries:
+        for m in EVIDENCE:
+            d = s.deltas.get(m)
+            if d is None or math.isnan(d.p_value):
+                continue
+            have = s.stats[m].n
+            needed = (
+                "-"
+                if d.seeds_needed is None
+                else f"{d.seeds_needed}" + (" (enough)" * (have >= d.seeds_needed))
+            )
+            rows.append([s.arm, M.spec_of(m).label, f"{d.test} ({have})", fmt(d.p_value), fmt(d.p_holm),
+                         fmt(d.wilcoxon_p), needed])  # fmt: skip
+    return rows
+
+
+def _tokens(r: RunRecord) -> int | None:
+    try:
+        p = r.params
+        return (int(p["trainer.max_steps"]) * int(p["data.batch_size"]) * int(p["data.seq_len"])
+                * int(p.get("trainer.accumulate", 1)))  # fmt: skip
+    except (KeyError, ValueError):
+        return None
+
+
+def training_flops(r: RunRecord) -> float | None:
+    """What the run's steps cost: its FLOPs per token (logged once per run) times its tokens."""
+    tokens = _tokens(r)
+    return (
+        None
+        if tokens is None or M.FLOPS_PER_TOKEN not in r.metrics
+        else tokens * r.metrics[M.FLOPS_PER_TOKEN]
+    )
+
+
+def views_of(runs: list[RunRecord]) -> dict[str, tuple[str, list[str]]]:
+    """The grid's ``grid.views`` as its runs recorded them: name -> (baseline, arms), each a
+    question one baseline would blur (aux-free against aux-loss, not against a dense baseline)."""
+    views: dict[str, tuple[str, list[str]]] = {}
+    for r in runs:
+        for key, value in r.params.items():
+            if key.startswith("grid.views.") and key.endswith(".baseline"):
+                name = key.removeprefix("grid.views.").removesuffix(".baseline")
+                listed = r.params.get(f"grid.views.{name}.arms", "[]")
+                try:
+                    arms = [str(a) for a in ast.literal_eval(listed)]
+                except (ValueError, SyntaxError):
+                    arms = []
+                views.setdefault(name, (value, [a for a in arms if a != value]))
+    return views
+
+
+def budget_of_runs(runs: list[RunRecord]) -> str | None:
+    """The grid's ``grid.budget`` as its runs recorded it, in words; None for equal steps."""
+    for kind, unit in (("tokens", "tokens"), ("flops", "training FLOPs"), ("gpu_seconds", "GPU seconds")):
+        found = {r.params.get(f"grid.budget.{kind}") for r in runs} - {None}
+        if found:
+            return f"{' / '.join(f'{float(v):.3g}' for v in sorted(found))} {unit} per run"
+    return None
+
+
+def compute_table(runs: list[RunRecord]) -> list[list[str]]:
+    """What each arm trained: steps, tokens, FLOPs per token and in all (the first finished seed's:
+    the seeds of an arm share them)."""
+    rows = [["arm", "steps", "tokens", "FLOPs/token", "training FLOPs"]]
+    first: dict[str, RunRecord] = {}
+    for r in sorted(runs, key=lambda r: (r.size, r.arm, r.status != "FINISHED", r.seed)):
+        first.setdefault(r.cell, r)
+    for cell, r in first.items():
+        tokens, flops = _tokens(r), training_flops(r)
+        per_token = r.metrics.get(M.FLOPS_PER_TOKEN)
+        rows.append([cell, r.params.get("trainer.max_steps", "?"), f"{tokens:,}" if tokens else "?",
+                     f"{per_token:.3g}" if per_token else "?", f"{flops:.3g}" if flops else "?"])  # fmt: skip
+    return rows
+
+
+def scaling_section(
+    runs: list[RunRecord], baseline: str, out: Path
+) -> tuple[list[list[str]], list[str], Path | None]:
+    """On a ladder: per arm, the fit of val/bpb against training FLOPs and its gap to the
+    baseline's at 10x the largest compute; the rows, the warnings, the plot."""
+    by_arm: dict[str, dict[str, dict[int, tuple[float, float]]]] = {}  # arm -> size -> seed -> (C, L)
+    for r in runs:
+        flops = training_flops(r)
+        if r.status == "FINISHED" and M.VAL_BPB in r.metrics and flops:
+            by_arm.setdefault(r.arm, {}).setdefault(r.size, {})[r.seed] = (flops, r.metrics[M.VAL_BPB])
+    fits: dict[str, scaling.ArmScaling] = {}
+    for arm, sizes in by_arm.items():
+        per_compute = {float(np.mean([f for f, _ in seeds.values()])): {s: v for s, (_, v) in seeds.items()}
+                       for seeds in sizes.values()}  # fmt: skip
+        fits[arm] = scaling.scale_arm(arm, per_compute)
+    if not fits:
+        return (
+            [],
+            ["scaling: no finished run recorded its FLOPs per token (runs from before they were)"],
+            None,
+        )
+    notes = [w for f in fits.values() for w in f.warnings]
+    rows = [["arm", "sizes", "α [95% CI]", "E [95% CI]", f"val/bpb at {scaling.EXTRAPOLATE:g}x compute",
+             "gap vs baseline [95% CI]", "fits cross at (FLOPs)", "trust"]]  # fmt: skip
+    base = fits.get(baseline)
+    for arm, f in fits.items():
+        if f.fit is None:
+            rows.append([arm, str(len(f.compute)), "-", "-", "-", "-", "-", "no fit"])
+            continue
+        top = scaling.EXTRAPOLATE * max(c for g in fits.values() for c in g.compute)
+        g = scaling.gap(f, base) if base is not None and arm != baseline else None
+        ci = lambda lo, hi: "" if math.isnan(lo) else f" [{lo:.3g}, {hi:.3g}]"  # noqa: E731
+        gap_cell = "-" if g is None else f"{g.gap:+.3g}" + ci(*g.ci)
+        cross = "-" if g is None else (", ".join(f"{c:.2g}" for c in g.crossings) or "none")
+        trust = "baseline" if arm == baseline else ("yes" if g and g.trustworthy else "NO")
+        if g is not None and not g.trustworthy:
+            notes.append(f"scaling: {arm} against {baseline}: not trustworthy: {g.why_not}")
+        alpha, E = f"{f.fit.alpha:.3g}" + ci(*f.alpha_ci), f"{f.fit.E:.3g}" + ci(*f.E_ci)
+        rows.append([arm, str(len(f.compute)), alpha, E, f"{float(f.fit(top)):.4f}", gap_cell, cross, trust])
+    return rows, notes, scaling.plot(list(fits.values()), out / "scaling.png", "val/bpb")
 
 
 def export(out: Path, runs: list[RunRecord], summaries: list[ArmSummary]) -> None:
@@ -413,17 +560,29 @@ class Report:
 
 def compare(experiments: list[str], uri: str = "sqlite:///mlruns.db", where: dict[str, str] | None = None,
             baseline: str | None = None, metrics: tuple[str, ...] | None = None, out: Path | None = None,
-            log_to_mlflow: bool = True, show: bool = True, all_configs: bool = False) -> Report:  # fmt: skip
+            log_to_mlflow: bool = True, show: bool = True, all_configs: bool = False,
+            summaries: dict[str, str] | None = None) -> Report:  # fmt: skip
     """Compare the runs of ``experiments``; write the report folder; return the aggregates.
-    ``metrics`` defaults to those ``research.metrics.REPORTED`` lists."""
+    ``metrics`` defaults to those ``research.metrics.REPORTED`` lists; ``summaries`` maps a metric
+    to how one run's number is read from its history (``research.metrics.SUMMARIES``), over the
+    summary its spec names."""
     metrics = metrics or tuple(spec.name for spec in M.REPORTED)
+    unknown = [m for m in summaries or {} if m not in M.ALL]
+    if unknown:
+        raise ValueError(f"--summary {unknown[0]!r} is not a metric; allowed: {', '.join(M.ALL)}")
+    how = {m: M.spec_of(m).summary for m in metrics} | (summaries or {})
+    for choice in how.values():
+        M.check_summary(choice)  # before any query: a typo costs nothing
     runs = load_runs(uri, experiments, where)
     if not runs:
         raise ValueError(
             f"compare: no runs in {', '.join(experiments)}" + (f" matching {where}" if where else "")
         )
     runs, notes = like_with_like(runs, all_configs)
+    apply_summaries(uri, runs, how)
     notes.append(what_it_compares(runs))
+    read = [f"{M.spec_of(m).label}: {c}" for m, c in how.items() if c != "last"]
+    notes += [f"each run's number is its last evaluation, except {', '.join(read)}"] if read else []
     arms = sorted({r.arm for r in runs})
     if baseline is not None and baseline not in arms:
         raise ValueError(f"--baseline '{baseline}' is not an arm here; the arms: {', '.join(arms)}")
@@ -432,35 +591,59 @@ def compare(experiments: list[str], uri: str = "sqlite:///mlruns.db", where: dic
         notes.append(f"the grid's baseline '{recorded}' has no runs here: deltas are against '{arms[0]}'")
         recorded = None
     baseline = baseline or recorded or arms[0]
-    summaries = summarise(runs, metrics, baseline)
+    arm_summaries = summarise(runs, metrics, baseline)
     title = " + ".join(experiments) + (
         f" ({', '.join(f'{k}={v}' for k, v in where.items())})" if where else ""
     )
-    means, deltas = tables(summaries, metrics, baseline)
-    failures = [f"{s.arm} {f}" for s in summaries for f in s.failures]
+    means, deltas = tables(arm_summaries, metrics)
+    failures = [f"{s.arm} {f}" for s in arm_summaries for f in s.failures]
     failures += [
         f"{s.arm} seed {seed}: routing collapsed (tag {T.MOE_COLLAPSED}): every token of a layer went to "
         "the same experts, so its numbers do not describe the arm's config"
-        for s in summaries
+        for s in arm_summaries
         for seed in s.collapsed
     ]
 
     out = out or stamped(Path("reports") / "_".join(experiments))
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_curves(_curves(uri, runs), out / "val_curves.png")]
-    plots += [p for p in (plot_pareto(summaries, out / "pareto.png"),
+    plots += [p for p in (plot_pareto(arm_summaries, out / "pareto.png"),
                           plot_expert_loads(uri, runs, out / "expert_load.png")) if p]  # fmt: skip
-    tables_ = [("Mean ± std over seeds", means), ("Delta vs baseline (95% CI, Welch t-test)", deltas)]
-    write_report(out, title, tables_, failures, plots, notes)
-    export(out, runs, summaries)
+    spent = budget_of_runs(runs)
+    shown = [
+        ("Mean ± std over seeds", means),
+        ("Delta vs baseline (95% CI; paired by seed where the arms share their seeds, else Welch; "
+         "Holm-adjusted p over the arms)", deltas),
+        (f"Evidence: tests of each difference, and the seeds it needs for p < {ALPHA:g} at {POWER:.0%} power",
+         evidence_table(arm_summaries)),
+        (f"What each arm trained ({f'budget: {spent}' if spent else 'equal steps'})", compute_table(runs)),
+    ]  # fmt: skip
+    for name, (view_base, view_arms) in views_of(runs).items():
+        subset = [r for r in runs if r.arm in (view_base, *view_arms)]
+        if any(r.arm == view_base for r in subset):
+            _, view_deltas = tables(summarise(subset, metrics, view_base), metrics)
+            shown.append((f"View {name}: {', '.join(view_arms)} against {view_base}", view_deltas))
+        else:
+            notes.append(f"view {name}: its baseline '{view_base}' has no runs here")
+    if len({r.size for r in runs}) > 1:
+        rows, scaling_notes, scaling_plot = scaling_section(runs, baseline, out)
+        notes += scaling_notes
+        if rows:
+            shown.append(("Scaling: val/bpb = E + A·C^-α per arm over the sizes (C: training FLOPs; "
+                          "95% CIs by bootstrap over seeds)", rows))  # fmt: skip
+        plots += [scaling_plot] if scaling_plot else []
+    shown = [(caption, rows) for caption, rows in shown if len(rows) > 1]
+    write_report(out, title, shown, failures, plots, notes)
+    export(out, runs, arm_summaries)
     if show:
-        captions = (f"{title}: mean ± std over seeds", "delta vs baseline [95% CI] Welch p")
-        print_tables(list(zip(captions, (means, deltas), strict=True)), failures)
+        print_tables(
+            [(f"{title}: {caption[0].lower()}{caption[1:]}", rows) for caption, rows in shown], failures
+        )
         print("\n".join(notes))
         print(f"report: {out}/report.html")
     if log_to_mlflow:
         _log_report(uri, experiments[0], out, title, [r.run_id for r in runs])
-    return Report(out, summaries, runs)
+    return Report(out, arm_summaries, runs)
 
 
 def _log_report(uri: str, experiment: str, folder: Path, title: str, run_ids: list[str]) -> None:

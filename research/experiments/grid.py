@@ -7,7 +7,13 @@ A grid file is a Hydra config (group ``ablations``, package ``_global_``) with a
       seeds: [0, 1, 2]
       baseline: attention=mha
 
-Each (arm, seed) is one job of the cluster profile's launcher (``research.launch``): locally its
+Two optional keys change what each arm trains (``research.experiments.budget``):
+
+    grid:
+      sizes: [tiny, small]          # a ladder: every arm at every size (presets, or model keys)
+      budget: {flops: 3e15}         # compute-matched arms: each arm's steps from its own cost
+
+Each (size, arm, seed) is one job of the cluster profile's launcher (``research.launch``): locally its
 own process, pinned to a GPU on a multi-GPU host; with a Slurm profile (``cluster=slurm_h100``) one
 task of a job array. A job composes the same config ``lab train`` would and trains it. Runs whose
 config hash already FINISHED in the grid's experiment are skipped, and one that was cut short
@@ -27,15 +33,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from components.registry import require, spec_error
 from research import signals
-from research.config.compose import compose_run, named_files
+from research.config.compose import CONF_DIR, compose_run, named_files
 from research.errors import TrainingDiverged
-from research.experiments import launching
-from research.launch import COMPLETED, Launcher, Task, get_launcher, slurm
+from research.experiments import budget, launching
+from research.launch import COMPLETED, Launcher, Task, get_launcher, launcher_name, slurm
 from research.runtime import USER_ERRORS, one_line, quiet, stamped
 from research.tracking import store
 from research.tracking import tags as T
 from research.training import checkpoints, ownership, preemption
 from research.training.data import tokenize_corpus
+from research.training.probe import tokens_per_s
 from research.training.run import print_summary, train
 
 
@@ -60,6 +67,15 @@ class Job:
     overrides: list[str] = field(default_factory=list)  # everything passed to `lab train`
     status: str = "pending"  # pending | skipped | done | failed
     run_dir: Path | None = None  # set at launch; an unfinished run's own folder when it resumes
+    size: str = ""  # its rung of grid.sizes ("" without a ladder)
+
+    @property
+    def cell(self) -> str:  # its arm at its size
+        return f"{self.arm} [{self.size}]" if self.size else self.arm
+
+    @property
+    def label(self) -> str:
+        return f"{self.cell} seed={self.seed}"
 
 
 def arms(cfg: DictConfig) -> dict[str, list[str]]:
@@ -76,17 +92,73 @@ def arms(cfg: DictConfig) -> dict[str, list[str]]:
             for name, ovs in bundles.items() for label, combo in combos.items()}  # fmt: skip
 
 
+def sizes(cfg: DictConfig) -> dict[str, list[str]]:
+    """Size label -> its overrides, from ``grid.sizes``: each a preset of ``conf/model`` (``small``)
+    or a mapping of model keys (``{d_model: 384, n_layers: 8}``, optionally ``name: wide``, and
+    ``preset: small`` to start from one); ``{"": []}`` without a ladder."""
+    node = cfg.grid.get("sizes")
+    if node is None:
+        return {"": []}
+    allowed = f"a list of presets ({', '.join(model_presets())}) or mappings of model keys"
+    listed = OmegaConf.to_container(node, resolve=True)
+    require(isinstance(listed, list) and len(listed) > 0, "grid.sizes", listed, allowed)
+    out: dict[str, list[str]] = {}
+    for size in listed:
+        if isinstance(size, str):
+            require(size in model_presets(), "grid.sizes", size, allowed)
+            label, ovs = size, [f"model={size}"]
+        else:
+            require(isinstance(size, dict) and bool(size), "grid.sizes", size, allowed)
+            size = dict(size)
+            name, preset = size.pop("name", None), size.pop("preset", None)
+            require(preset is None or preset in model_presets(), "grid.sizes.preset", preset, allowed)
+            ovs = [f"model={preset}"] * (preset is not None) + [f"model.{k}={v}" for k, v in size.items()]
+            label = str(name or " ".join(filter(None, [preset, *(f"{k}={v}" for k, v in size.items())])))
+        require(label not in out, "grid.sizes", label, "each size once")
+        out[label] = ovs
+    return out
+
+
+def model_presets() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
 def expand(name: str, cfg: DictConfig, overrides: list[str]) -> list[Job]:
-    """Every arm times every seed; the command line's overrides apply to all of them, last."""
+    """Every size times every arm times every seed; the command line's overrides apply to all of
+    them, last. A ``grid.budget`` is checked here and spent in ``run_grid`` (``with_budget``)."""
+    if budget.budget_of(cfg) is not None:
+        budget.refuse_fixed_steps([*overrides, *(o for arm in arms(cfg).values() for o in arm)])
     seeds = list(cfg.grid.get("seeds") or [cfg.seed])
     base = store.config_hash(cfg)  # the launch's config without any arm: what its arms share
     jobs = []
-    for label, arm in arms(cfg).items():
-        for seed in seeds:
-            job_overrides = [f"ablations={name}", *arm, f"seed={seed}", f"++grid.arm='{label}'",
-                             f"++grid.base={base}", *overrides]  # fmt: skip
-            jobs.append(Job(len(jobs), label, int(seed), job_overrides))
+    for size, size_overrides in sizes(cfg).items():
+        on_ladder = [f"++grid.size='{size}'"] if size else []
+        for label, arm in arms(cfg).items():
+            for seed in seeds:
+                job_overrides = [f"ablations={name}", *size_overrides, *arm, f"seed={seed}",
+                                 f"++grid.arm='{label}'", *on_ladder, f"++grid.base={base}",
+                                 *overrides]  # fmt: skip
+                jobs.append(Job(len(jobs), label, int(seed), job_overrides, size=size))
     return jobs
+
+
+def with_budget(cfg: DictConfig, jobs: list[Job], root: Path) -> None:
+    """Each job's ``trainer.max_steps`` from ``grid.budget``: one count per (size, arm), which its
+    seeds share; printed, so the split of the budget is seen before anything trains."""
+    spend = budget.budget_of(cfg)
+    if spend is None:
+        return
+    probe = None
+    if spend.kind == "gpu_seconds":
+        where = "a local grid: the probes time each arm on this machine's GPU (on Slurm: tokens or flops)"
+        require(launcher_name(cfg) == "local", "grid.budget.gpu_seconds", spend.amount, where)
+        probe = budget.ProbeCache(root / "probes.json", tokens_per_s)
+    steps: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        if (job.size, job.arm) not in steps:
+            steps[job.size, job.arm] = budget.steps_for(spend, compose_run(job.overrides), probe)
+            print(f"budget {spend}: {job.cell} trains {steps[job.size, job.arm]:,} steps")
+        job.overrides.append(f"trainer.max_steps={steps[job.size, job.arm]}")
 
 
 def job_hash(job: Job) -> str:
@@ -132,6 +204,7 @@ def run_grid(
     overrides = [*overrides, *launcher.run_overrides()]  # every run fits its job's allocation
     grid_jobs = expand(name, cfg, overrides)
     root = Path("multirun") / cfg.ablation
+    with_budget(cfg, grid_jobs, root)
     finished, unfinished = _previous_runs(cfg.tracking.uri, cfg.tracking.experiment, root)
     grid_dir = stamped(root)
     for job in grid_jobs:
@@ -176,7 +249,7 @@ def _launch(cfg: DictConfig, launcher: Launcher, todo: list[Job], grid_dir: Path
     if not todo:
         return []
     calls = [([*j.overrides, "trainer.progress_bar=false"], str(j.run_dir.resolve())) for j in todo]
-    task = Task(RUN_TASK, calls, [f"{j.arm} seed={j.seed}" for j in todo], [str(j.run_dir) for j in todo],
+    task = Task(RUN_TASK, calls, [j.label for j in todo], [str(j.run_dir) for j in todo],
                 f"lab-{cfg.ablation}", cfg.trainer.requeue_signal)  # fmt: skip
     ended = launching.launch(cfg, launcher, task, grid_dir, kind, cfg.ablation, wait)
     failed = [
@@ -241,4 +314,5 @@ def _record_failure(cfg: DictConfig, job: Job, state: str) -> None:
     tags = {T.ABLATION: cfg.ablation, T.ARM: job.arm, T.BASELINE: cfg.grid.get("baseline") or "",
             T.RUN_DIR: str(job.run_dir.resolve()), T.FAILURE_REASON: reason}  # fmt: skip
     name = store.run_name(cfg.ablation, job.arm, job.seed)
-    store.record_failed_run(uri, experiment, name, tags, {"seed": job.seed})
+    params = {"seed": job.seed, **({"grid.size": job.size} if job.size else {})}
+    store.record_failed_run(uri, experiment, name, tags, params)

@@ -238,17 +238,25 @@ class StaticMetrics(L.Callback):
     """Numbers fixed by the architecture, logged once; and which FP8 path the projections take
     (tag ``precision.fp8_path``: scaled_mm on FP8 hardware, emulated elsewhere)."""
 
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         paths = {m.resolve_path(pl_module.device) for m in pl_module.modules() if isinstance(m, FP8Linear)}
         for logger in trainer.loggers if paths else []:
             if isinstance(logger, MLFlowLogger) and logger.run_id:
                 logger.experiment.set_tag(logger.run_id, "precision.fp8_path", ",".join(sorted(paths)))
         bytes_per_value = 2 if "16" in str(trainer.precision) else 4
+        static = {M.KV_CACHE_BYTES_PER_TOKEN: pl_module.model.kv_cache_bytes_per_token(bytes_per_value),
+                  **self._sizes}  # fmt: skip
         for logger in trainer.loggers:
-            logger.log_metrics(
-                {M.KV_CACHE_BYTES_PER_TOKEN: pl_module.model.kv_cache_bytes_per_token(bytes_per_value)},
-                step=0,
-            )
+            logger.log_metrics(static, step=0)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Counted on the whole model, before a sharding strategy splits its parameters.
+        model = pl_module.model
+        self._sizes = {M.FLOPS_PER_TOKEN: model.flops_per_token(self.seq_len),  # what a budget spends
+                       M.PARAMS: model.num_params(), M.ACTIVE_PARAMS: model.num_active_params()}  # fmt: skip
 
 
 class DivergenceGuard(L.Callback):

@@ -132,7 +132,7 @@ def train(
             RecordRunId(logger.run_id, config_hash),
             PerfMonitor(t.perf_warmup_steps, cfg.data.seq_len),
             moe_monitor,
-            StaticMetrics(),
+            StaticMetrics(cfg.data.seq_len),
             DivergenceGuard(math.gcd(t.log_every, t.checkpoint_every)),
             LearningRateMonitor(logging_interval="step"),
         ]
