@@ -544,9 +544,9 @@ def export(out: Path, runs: list[RunRecord], summaries: list[ArmSummary]) -> Non
     keys = sorted({k for r in runs for k in r.metrics})
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["experiment", "arm", "seed", "status", "failure_reason", "run_id", *keys])
-        for r in sorted(runs, key=lambda r: (r.experiment, r.arm, r.seed)):
-            writer.writerow([r.experiment, r.arm, r.seed, r.status, r.reason, r.run_id,
+        writer.writerow(["experiment", "arm", "size", "seed", "status", "failure_reason", "run_id", *keys])
+        for r in sorted(runs, key=lambda r: (r.experiment, r.size, r.arm, r.seed)):
+            writer.writerow([r.experiment, r.arm, r.size, r.seed, r.status, r.reason, r.run_id,
                              *[r.metrics.get(k, "") for k in keys]])  # fmt: skip
     (out / "summary.json").write_text(json.dumps([asdict(s) for s in summaries], indent=2, default=str))
 
