@@ -8,7 +8,8 @@ from research import metrics as M
 from tests.cli_helpers import TINY, error_line, history, lab, runs
 
 ALWAYS = {M.TRAIN_LOSS, M.TRAIN_LM_LOSS, M.VAL_LOSS, M.VAL_BPB, M.TOKENS_PER_S, M.TOKENS_PER_S_PER_GPU,
-          M.STEP_MS, M.PEAK_MEM_GIB, M.PEAK_MEM_GIB_JOB, M.KV_CACHE_BYTES_PER_TOKEN}  # fmt: skip
+          M.STEP_MS, M.PEAK_MEM_GIB, M.PEAK_MEM_GIB_JOB, M.KV_CACHE_BYTES_PER_TOKEN, M.FLOPS_PER_TOKEN,
+          M.PARAMS, M.ACTIVE_PARAMS}  # fmt: skip
 BALANCE_WITH_LOSS = {"aux_loss", "seq_aux", "aux_free+seq_aux", "z_loss", "aux_free+z_loss"}
 
 # One multirun per axis; the other axes sit where most metrics apply (MoE, a balance loss, MTP).
@@ -72,6 +73,11 @@ def test_run_records_config_params_and_artifact(tmp_path, shared_cache):
     # Evaluations at the number of steps trained, inside fit (2, 4) and after it (5) alike
     assert [s for s, _ in history(tmp_path, run.info.run_id, M.VAL_BPB)] == [2, 4, 5]
     assert history(tmp_path, run.info.run_id, M.KV_CACHE_BYTES_PER_TOKEN) == [(0, 2 * 2 * 2 * 16 * 4)]
+    # once, at step 0: what a compute budget spends, and the MoE's active share of its weights
+    ((step, flops),) = history(tmp_path, run.info.run_id, M.FLOPS_PER_TOKEN)
+    ((_, params),) = history(tmp_path, run.info.run_id, M.PARAMS)
+    ((_, active),) = history(tmp_path, run.info.run_id, M.ACTIVE_PARAMS)
+    assert step == 0 and flops > 2 * active and active < params
 
 
 def test_resume_continues_the_same_run_with_identical_losses(tmp_path, shared_cache):
