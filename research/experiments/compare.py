@@ -78,6 +78,7 @@ class ArmSummary:
     finished: int
     failed: int
     is_baseline: bool = False
+    size: str = ""  # its rung of the ladder: Holm's family is the arms of one size
     stats: dict[str, Stat] = field(default_factory=dict)
     deltas: dict[str, Delta] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -180,14 +181,7 @@ def what_it_compares(runs: list[RunRecord]) -> str:
                  for r in runs}  # fmt: skip
         return "/".join(sorted(v for v in found if v)) or "?"
 
-    tokens = set()
-    for r in runs:
-        try:
-            p = r.params
-            tokens.add(int(p["trainer.max_steps"]) * int(p["data.batch_size"]) * int(p["data.seq_len"])
-                       * int(p.get("trainer.accumulate", 1)))  # fmt: skip
-        except (KeyError, ValueError):
-            continue
+    tokens = {t for t in map(_tokens, runs) if t is not None}
     seeds = ",".join(str(s) for s in sorted({r.seed for r in runs}))
     return (f"compares: corpus {values('data.source', 'data.path', 'data.name')}, tokenizer "
             f"{values('data.tokenizer')}, {values('trainer.max_steps')} steps "
@@ -207,7 +201,7 @@ def summarise(runs: list[RunRecord], metrics: tuple[str, ...], baseline: str | N
         first = rs[0]
         base_cell = f"{baseline} [{first.size}]" if first.size else baseline
         finished, failed = sum(r.status == "FINISHED" for r in rs), sum(r.status == "FAILED" for r in rs)
-        s = ArmSummary(first.cell, finished, failed, is_baseline=first.arm == baseline)
+        s = ArmSummary(first.cell, finished, failed, is_baseline=first.arm == baseline, size=first.size)
         s.failures = [f"seed {r.seed}: {r.reason or r.status}" for r in rs if r.status != "FINISHED"]
         s.collapsed = [r.seed for r in rs if r.collapsed]
         for m in metrics:
@@ -221,8 +215,7 @@ def summarise(runs: list[RunRecord], metrics: tuple[str, ...], baseline: str | N
         out.append(s)
     for m in metrics:  # one family per metric and size: the arms compared with that baseline
         for size in dict.fromkeys(r.size for r in runs):
-            family = [s.deltas[m] for s, rs in zip(out, cells.values(), strict=True)
-                      if m in s.deltas and rs[0].size == size]  # fmt: skip
+            family = [s.deltas[m] for s in out if m in s.deltas and s.size == size]
             for d, adjusted in zip(family, holm([d.p_value for d in family]), strict=True):
                 d.p_holm = adjusted
     return out
