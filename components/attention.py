@@ -1,14 +1,18 @@
 """Causal self-attention: MHA, GQA and DeepSeek's multi-head latent attention (MLA).
 
 Every variant takes ``x`` [B, T, C] and integer ``positions`` [T], and returns [B, T, C]. Passing a
-``cache`` dict switches to incremental decoding: the layer appends what it caches for the new
-tokens and attends over everything cached so far. Each variant reports the bytes it caches per
-token, the number MLA exists to shrink.
+``cache`` (from ``new_cache``: tensors preallocated for every position, so a decode step has static
+shapes and can be replayed as a CUDA graph) switches to incremental decoding: ``positions`` are then
+per row, [B, T], the layer writes what it caches for the new tokens at those positions and attends,
+row by row, over every cached position up to each query's own. Rows of one batch may so sit at
+different lengths (prompts of different lengths, speculative tokens accepted per row). Each variant
+reports the bytes it caches per token, the number MLA exists to shrink.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,18 +26,42 @@ from components.rope import RotaryEmbedding, apply_rope
 ATTENTION = Registry("attention")
 
 
-def _append(cache: dict[str, torch.Tensor], name: str, new: torch.Tensor, dim: int) -> torch.Tensor:
-    """Append ``new`` to ``cache[name]`` along the time dim ``dim``; return the whole cached tensor."""
-    if name in cache:
-        new = torch.cat((cache[name], new), dim=dim)
-    cache[name] = new
-    return new
+KVCache = dict[str, torch.Tensor]  # name -> [B, S, ...]: one layer's cache, every position allocated
+
+
+def _write(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Store ``new`` [B, T, ...] at ``positions`` [B, T] of ``cache`` [B, S, ...]; return the cache."""
+    rows = torch.arange(cache.shape[0], device=cache.device)[:, None]  # [B, 1]
+    cache[rows, positions] = new.to(cache.dtype)
+    return cache
 
 
 def _decode_mask(positions: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """Causal mask [T, S] for queries at ``positions`` over keys at positions 0..S-1."""
+    """Causal mask [B, 1, T, S] for queries at ``positions`` [B, T] over keys at 0..S-1: positions
+    past a row's own hold stale or unwritten values and are never read."""
     keys = torch.arange(n_keys, device=positions.device)
-    return keys[None, :] <= positions[:, None]
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Masked attention of q [B, H, T, D] over k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> [B, H, T, Dv],
+    mask [B, 1, T, S]. The G = H / Hkv query heads of each key head are folded into the query dim,
+    so no kernel copies the keys once per query head (``enable_gqa`` does, where it cannot fuse
+    the mask): a decode step reads the cache once. Query head h uses key head h // G."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    q = q.reshape(B, Hkv, G * T, D)  # [B, Hkv, G*T, D]: head-major, then time
+    mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G*T, Dv]
+    return y.reshape(B, H, T, v.shape[-1])
+
+
+def _per_head(t: torch.Tensor) -> torch.Tensor:
+    """rope's cos/sin for tensors with a head dim: [T, d] stays (it broadcasts), [B, T, d] -> [B, 1, T, d]."""
+    return t if t.dim() == 2 else t[:, None]
 
 
 def causal_attention(
@@ -70,16 +98,23 @@ class Attention(nn.Module):
         self.sdpa_kernel: SDPBackend | None = None  # the training path's kernel
         self.stacked = False
 
-    def kv_cache_values_per_token(self) -> int:
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        """What decoding caches per token: name -> shape of one token's entry."""
         raise NotImplementedError
+
+    def kv_cache_values_per_token(self) -> int:
+        return sum(math.prod(shape) for shape in self.cache_shapes().values())
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         return self.kv_cache_values_per_token() * bytes_per_value
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """x [B, T, C] at ``positions`` [T] -> [B, T, C]; ``cache`` grows by T when decoding."""
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        """Zeros for ``batch`` rows of ``max_len`` positions each: the decoding cache, allocated once."""
+        return {name: torch.zeros(batch, max_len, *shape, dtype=dtype, device=device)
+                for name, shape in self.cache_shapes().items()}  # fmt: skip
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x [B, T, C] at ``positions`` [T] -> [B, T, C]; with ``cache``, positions [B, T] per row."""
         raise NotImplementedError
 
 
@@ -103,26 +138,24 @@ class GroupedQueryAttention(Attention):
         self.wo = linear(n_heads * head_dim, d_model)
         self.rope = RotaryEmbedding(head_dim, rope_theta)
 
-    def kv_cache_values_per_token(self) -> int:
-        return 2 * self.n_kv_heads * self.head_dim
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = project(x, (self.wq, self.wk, self.wv), self.stacked)
         q = q.view(B, T, H, D).transpose(1, 2)
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
-        cos, sin = self.rope(positions)
+        cos, sin = map(_per_head, self.rope(positions))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             y = causal_attention(q, k, v, kernel=self.sdpa_kernel)
-        else:
-            k, v = _append(cache, "k", k, dim=2), _append(cache, "v", v, dim=2)
-            mask = _decode_mask(positions, k.shape[2])
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+        else:  # the cache is [B, S, Hkv, D]: time second, so that rows write at their own positions
+            k = _write(cache["k"], k.transpose(1, 2), positions).transpose(1, 2)  # [B, Hkv, S, D]
+            v = _write(cache["v"], v.transpose(1, 2), positions).transpose(1, 2)
+            y = grouped_attention(q, k.type_as(q), v.type_as(q), _decode_mask(positions, k.shape[2]))
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -165,8 +198,9 @@ class MultiHeadLatentAttention(Attention):
         self.rope = RotaryEmbedding(qk_rope_head_dim, rope_theta)
         self.scale = qk_dim**-0.5  # 1/sqrt(nope + rope): the full query-key dot product
 
-    def kv_cache_values_per_token(self) -> int:
-        return self.kv_lora_rank + self.rope_dim
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        # The normalised latent and the rope key side by side: one tensor is the MQA key as it is.
+        return {"latent": (self.kv_lora_rank + self.rope_dim,)}
 
     def _queries(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q: x's query projection [B, T, q_lora_rank], or the queries [B, T, H * (nope + rope)]
@@ -176,15 +210,13 @@ class MultiHeadLatentAttention(Attention):
             q = self.wq_b(self.q_norm(q))
         q = q.view(B, T, self.n_heads, self.nope + self.rope_dim).transpose(1, 2)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin)  # [B, H, T, nope], [B, H, T, rope]
+        return q_nope, apply_rope(q_pe, _per_head(cos), _per_head(sin))  # [B, H, T, nope], [B, H, T, rope]
 
     def _latents(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_norm(c_kv), apply_rope(k_pe, cos, sin)  # [B, T, L], [B, T, rope]
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
         cos, sin = self.rope(positions)
@@ -193,7 +225,7 @@ class MultiHeadLatentAttention(Attention):
         q_nope, q_pe = self._queries(q, cos, sin)
         c_kv, k_pe = self._latents(kv, cos, sin)
         if cache is not None:
-            y = self._attend_latent(q_nope, q_pe, c_kv, k_pe, positions, cache)
+            y = self._attend_latent(q_nope, q_pe, torch.cat((c_kv, k_pe), dim=-1), positions, cache)
         else:
             kv = self.wkv_b(c_kv).view(B, T, H, self.nope + self.v_dim).transpose(1, 2)
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
@@ -202,19 +234,15 @@ class MultiHeadLatentAttention(Attention):
             y = causal_attention(q, k, v, self.scale, self.sdpa_kernel)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
-    def _attend_latent(self, q_nope, q_pe, c_kv, k_pe, positions, cache) -> torch.Tensor:
-        """Absorbed attention over the cached latent; returns per-head values [B, H, T, v]."""
+    def _attend_latent(self, q_nope, q_pe, latent, positions, cache: KVCache) -> torch.Tensor:
+        """Absorbed attention over the cached latent [B, T, L + rope]; per-head values [B, H, T, v]."""
         w_kv_b = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv_b.split([self.nope, self.v_dim], dim=1)  # [H, nope, L], [H, v, L]
-        c_kv = _append(cache, "c_kv", c_kv, dim=1)  # [B, S, L]
-        k_pe = _append(cache, "k_pe", k_pe, dim=1)  # [B, S, rope]
-        q = torch.cat((torch.einsum("bhtn,hnl->bhtl", q_nope, w_uk), q_pe), dim=-1)
-        k = torch.cat((c_kv, k_pe), dim=-1)[:, None]  # one key head shared by all query heads
-        mask = _decode_mask(positions, c_kv.shape[1])
-        o = F.scaled_dot_product_attention(
-            q, k, c_kv[:, None], attn_mask=mask, scale=self.scale, enable_gqa=True
-        )  # [B, H, T, L]
-        return torch.einsum("bhtl,hvl->bhtv", o, w_uv)
+        k = _write(cache["latent"], latent, positions).type_as(q_nope)[:, None]  # [B, 1, S, L + rope]
+        q = torch.cat((torch.einsum("bhtn,hnl->bhtl", q_nope, w_uk.type_as(q_nope)), q_pe), dim=-1)
+        mask = _decode_mask(positions, k.shape[2])
+        o = grouped_attention(q, k, k[..., : self.kv_lora_rank], mask, self.scale)  # [B, H, T, L]
+        return torch.einsum("bhtl,hvl->bhtv", o, w_uv.type_as(o))
 
 
 def _check_heads(n_heads: int, d_model: int, head_dim: int | None) -> int:

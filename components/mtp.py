@@ -33,7 +33,10 @@ class MTPModule(nn.Module):
         # Each depth normalises its own output before the shared head, as DeepSeek-V3's release does.
         self.out_norm = nn.RMSNorm(d_model, eps=norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """h_prev, emb_next [B, T, C] -> this depth's hidden state [B, T, C] (before ``out_norm``)."""
+    def forward(
+        self, h_prev: torch.Tensor, emb_next: torch.Tensor, positions: torch.Tensor, cache: dict | None = None
+    ) -> torch.Tensor:
+        """h_prev, emb_next [B, T, C] -> this depth's hidden state [B, T, C] (before ``out_norm``);
+        ``cache`` is its block's decoding cache, when it drafts tokens."""
         x = self.proj(torch.cat((self.hidden_norm(h_prev), self.embed_norm(emb_next)), dim=-1))
-        return self.block(x, positions)
+        return self.block(x, positions, cache)

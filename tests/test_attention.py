@@ -45,10 +45,15 @@ def test_model_is_causal(kind):
 @torch.no_grad()
 def decode(model, idx, prefill, cache=None):
     """Logits of ``idx`` [B, T] from a prefill of ``prefill`` tokens, then one token at a time."""
-    cache = model.new_cache() if cache is None else cache
-    steps = [model(idx[:, :prefill], cache=cache).logits]
-    steps += [model(idx[:, t : t + 1], cache=cache, start_pos=t).logits for t in range(prefill, idx.shape[1])]
-    return torch.cat(steps, dim=1)
+    B, T = idx.shape
+    model.reserve_positions(T)
+    cache = model.new_cache(B, T) if cache is None else cache
+
+    def run(t0, t1):
+        positions = torch.arange(t0, t1).expand(B, t1 - t0)
+        return model.logits(model.trunk(idx[:, t0:t1], positions, cache))
+
+    return torch.cat([run(0, prefill), *(run(t, t + 1) for t in range(prefill, T))], dim=1)
 
 
 @pytest.mark.parametrize("kind", sorted(ATTENTION_SPECS))
@@ -57,15 +62,14 @@ def test_cached_decoding_equals_training_path(kind):
     For MLA the cached path is the absorbed one, attending over the latent only."""
     model = Transformer(tiny_config(kind, "moe", n_layers=3)).eval()
     idx = torch.randint(0, 64, (2, 13))
-    cache = model.new_cache()
+    cache = model.new_cache(2, 13)
     with torch.no_grad():
         full = model(idx).logits
     torch.testing.assert_close(decode(model, idx, prefill=5, cache=cache), full, rtol=0, atol=1e-5)
     if kind == "mla":
         attn = model.blocks[0].attn
-        assert set(cache[0]) == {"c_kv", "k_pe"}
-        assert cache[0]["c_kv"].shape == (2, 13, attn.kv_lora_rank)
-        assert cache[0]["k_pe"].shape == (2, 13, attn.rope_dim)
+        assert set(cache[0]) == {"latent"}  # the latent and the rope key, nothing per head
+        assert cache[0]["latent"].shape == (2, 13, attn.kv_lora_rank + attn.rope_dim)
 
 
 @pytest.mark.parametrize("kind", sorted(ATTENTION_SPECS))
@@ -78,7 +82,7 @@ def test_decoding_past_the_rope_tables_lengthens_them(kind):
     with torch.no_grad():
         full = model(idx).logits
     torch.testing.assert_close(decode(short, idx, prefill=3), full, rtol=0, atol=1e-6)
-    assert all(rope.cos_table.shape[0] == 16 for rope in short.ropes)  # 4 doubled twice, not per step
+    assert all(rope.cos_table.shape[0] == 11 for rope in short.ropes)  # reserved once, for every position
 
 
 def test_rope_tables_hold_each_positions_angles():

@@ -1,7 +1,7 @@
 """A DeepSeek-V3-style decoder assembled from ``components`` by name.
 
     tokens -> embedding -> n_layers x Block(attention, ffn) -> RMSNorm -> head -> logits
-                                      `-> MTP depth 1 -> ... -> depth D (training only)
+                                      `-> MTP depth 1 -> ... -> depth D (training; drafts when decoding)
 
 Each axis (attention, ffn, balance, mtp) is a spec mapping picked from a registry, so every
 ablation is a config change. The model also reports what the platform measures: parameters,
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.attention import ATTENTION, Attention
+from components.attention import ATTENTION, Attention, KVCache
 from components.balance import BalancePolicy, build_balance
 from components.ffn import FFN
 from components.linear import LinearFactory, make_linear
@@ -61,9 +61,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.ffn = ffn
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), positions, cache)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -123,24 +121,14 @@ class Transformer(nn.Module):
             if p.dim() >= 2:
                 nn.init.normal_(p, mean=0.0, std=self.cfg.init_std)
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: list[dict[str, torch.Tensor]] | None = None,
-        start_pos: int = 0,
-    ) -> ModelOutput:
-        """idx [B, T] token ids; targets [B, T] the next tokens (-100 ignored). With ``cache`` (from
-        ``new_cache``) the call decodes incrementally from position ``start_pos``."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """idx [B, T] token ids; targets [B, T] the next tokens (-100 ignored)."""
         T = idx.shape[1]
-        for rope in self.ropes:
-            rope.reserve(start_pos + T)
-        positions = torch.arange(start_pos, start_pos + T, device=idx.device)
-        h = self.embed(idx)
-        for i, block in enumerate(self.blocks):
-            h = block(h, positions, None if cache is None else cache[i])
+        self.reserve_positions(T)
+        positions = torch.arange(T, device=idx.device)
+        h = self.trunk(idx, positions)
         if targets is None:
-            return ModelOutput(self.head(self.norm(h)))
+            return ModelOutput(self.logits(h))
 
         logits, lm_loss = self._head_loss(self.norm(h), targets)
         loss = lm_loss
@@ -153,6 +141,25 @@ class Transformer(nn.Module):
             balance_loss = torch.stack(losses).sum()
             loss = loss + balance_loss
         return ModelOutput(logits, loss, lm_loss, mtp_loss, balance_loss)
+
+    def trunk(
+        self, idx: torch.Tensor, positions: torch.Tensor, cache: list[KVCache] | None = None
+    ) -> torch.Tensor:
+        """The last block's output h [B, T, C] (before the final norm), what the head and MTP read.
+        With ``cache`` (``new_cache``), positions are per row, [B, T], and below ``reserve_positions``."""
+        h = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            h = block(h, positions, None if cache is None else cache[i])
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The main head's logits [..., V] of trunk states h [..., C]."""
+        return self.head(self.norm(h))
+
+    def reserve_positions(self, n: int) -> None:
+        """Rope tables for positions 0..n-1 (decoding calls it once, outside compiled code)."""
+        for rope in self.ropes:
+            rope.reserve(n)
 
     def _mtp_loss(
         self, h: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor
@@ -186,9 +193,14 @@ class Transformer(nn.Module):
         for m in self.moe_layers():
             m.update_bias()
 
-    def new_cache(self) -> list[dict[str, torch.Tensor]]:
-        """An empty decoding cache, one dict per layer, filled by ``forward(..., cache=...)``."""
-        return [{} for _ in self.blocks]
+    def new_cache(
+        self, batch: int, max_len: int, dtype: torch.dtype | None = None, mtp: bool = False
+    ) -> list[KVCache]:
+        """The decoding cache of every layer, ``max_len`` positions of ``batch`` rows allocated
+        once (in the weights' dtype unless given); with ``mtp``, then one per MTP depth."""
+        weight = self.embed.weight
+        blocks = [*self.blocks, *(m.block for m in self.mtp)] if mtp else self.blocks
+        return [b.attn.new_cache(batch, max_len, dtype or weight.dtype, weight.device) for b in blocks]
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Decoding cache per token, summed over layers (MTP modules are not used for decoding)."""
