@@ -7,3 +7,7 @@ class TrackingError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run is recorded as FAILED with this message."""
+
+
+class DecodeError(ValueError):
+    """A request decoding cannot serve: no such run or checkpoint, a prompt past the context."""

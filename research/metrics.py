@@ -26,12 +26,25 @@ KV_CACHE_BYTES_PER_TOKEN = "attn/kv_cache_bytes_per_token"
 FLOPS_PER_TOKEN = "model/train_flops_per_token"  # forward + backward, MTP and active experts only
 PARAMS = "model/params"
 ACTIVE_PARAMS = "model/active_params"  # those one token touches
+# Decoding (``eval.decode=true`` or ``lab decode-bench``); each also per setting, e.g.
+# ``decode/tokens_per_s/b8_ctx1024`` (``per_setting``), the headline being the first setting's.
+DECODE_TOKENS_PER_S = "decode/tokens_per_s"
+DECODE_KV_CACHE_GIB = "decode/kv_cache_gib"  # the cache as allocated
+DECODE_MAX_BATCH = "decode/max_batch"  # the largest batch within the memory budget
+MTP_ACCEPTANCE = "mtp/acceptance_rate"  # depth 1's drafts kept; mtp/acceptance_rate/d2 ... deeper
+SPECULATIVE_SPEEDUP = "decode/speculative_speedup"  # greedy tokens/s, speculative over plain
 
 ALL = (
     TRAIN_LOSS, TRAIN_LM_LOSS, TRAIN_MTP_LOSS, TRAIN_BALANCE_LOSS, VAL_LOSS, VAL_BPB, TOKENS_PER_S,
     TOKENS_PER_S_PER_GPU, MFU, STEP_MS, PEAK_MEM_GIB, PEAK_MEM_GIB_JOB, MAXVIO_BATCH, MAXVIO_GLOBAL,
-    KV_CACHE_BYTES_PER_TOKEN, FLOPS_PER_TOKEN, PARAMS, ACTIVE_PARAMS,
+    KV_CACHE_BYTES_PER_TOKEN, FLOPS_PER_TOKEN, PARAMS, ACTIVE_PARAMS, DECODE_TOKENS_PER_S,
+    DECODE_KV_CACHE_GIB, DECODE_MAX_BATCH, MTP_ACCEPTANCE, SPECULATIVE_SPEEDUP,
 )  # fmt: skip
+
+
+def per_setting(metric: str, batch: int | None, context: int) -> str:
+    """``decode/tokens_per_s/b8_ctx1024``: a decoding metric at one batch size and context."""
+    return f"{metric}/{'' if batch is None else f'b{batch}_'}ctx{context}"
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,10 @@ REPORTED = (
     MetricSpec(PEAK_MEM_GIB, "peak GiB", lower_is_better=True),
     MetricSpec(MAXVIO_GLOBAL, "MaxVio", lower_is_better=True),
     MetricSpec(KV_CACHE_BYTES_PER_TOKEN, "KV B/token", lower_is_better=True, integer=True),
+    MetricSpec(DECODE_TOKENS_PER_S, "decode tok/s", lower_is_better=False, integer=True),
+    MetricSpec(DECODE_MAX_BATCH, "max batch", lower_is_better=False, integer=True),
+    MetricSpec(MTP_ACCEPTANCE, "MTP accept", lower_is_better=False),
+    MetricSpec(SPECULATIVE_SPEEDUP, "spec. speedup", lower_is_better=False),
 )
 
 

@@ -1,6 +1,6 @@
 """The layers of the code, kept by reading its imports: each layer imports only those below it.
 
-    cli -> experiments -> training -> {config, launch, tracking} -> model -> components
+    cli -> experiments -> training -> {config, launch, tracking, inference} -> model -> components
 
 with the leaves (metrics, errors, runtime, signals) importable from any layer of research/, and
 components/ importing nothing of research/ and no framework (it is plain torch modules).
@@ -16,7 +16,7 @@ RANK = {
     "components": 0,
     "research.metrics": 1, "research.errors": 1, "research.runtime": 1, "research.signals": 1,
     "research.model": 2,
-    "research.config": 3, "research.launch": 3, "research.tracking": 3,
+    "research.config": 3, "research.launch": 3, "research.tracking": 3, "research.inference": 3,
     "research.training": 4,
     "research.experiments": 5,
     "research.cli": 6,

@@ -1,0 +1,1 @@
+"""Decoding: a static-cache engine for every attention type, and MTP's self-speculative decoding."""
