@@ -9,6 +9,10 @@ lab compare NAME [NAME..] [--where KEY=VALUE] [--baseline ARM] [--summary METRIC
 lab sweep NAME [OVERRIDES] [--workers N] [--trials N] [--storage URL] [--wait]
                                       run (or resume) the Optuna study sweeps/NAME.yaml;
                                       cluster=PROFILE sends the workers to Slurm
+lab generate RUN "PROMPT" [--max-new N] [--temperature T] [--top-p P] [--speculative]
+                                      text from a trained run (its folder, checkpoint or MLflow run id)
+lab decode-bench RUN [--batches 1,8] [--contexts 1024,8192] [--log]
+                                      decode tokens/s, cache GiB, largest batch, MTP acceptance
 lab status NAME [--uri URI]           Slurm state, MLflow run and logs of each job of a grid or sweep
 lab server [tracking.server.KEY=V]    an MLflow tracking server (PostgreSQL) for a cluster's jobs
 lab grid --list | lab sweep --list    what there is
@@ -326,6 +330,89 @@ def _server(rest: list[str]) -> None:
         fail_if(one_line(e))
 
 
+def _generate(rest: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lab generate", description="Text from a trained run.")
+    parser.add_argument("run", help="a run folder, a checkpoint file, or an MLflow run id")
+    parser.add_argument("prompt", nargs="+", help="one or more prompts, decoded as one batch")
+    parser.add_argument("--max-new", type=int, default=200, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=None, help="0: greedy (default 0.8)")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speculative", action="store_true",
+                        help="greedy, drafted by the MTP modules (same text, fewer passes)")  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true", help="replay one compiled step as a CUDA graph (GPU)"
+    )
+    parser.add_argument("--uri", default="sqlite:///mlruns.db", help="MLflow tracking URI, for a run id")
+    args = parser.parse_args(rest)
+    fail_if(f"--max-new {args.max_new}: expected a positive number of tokens" if args.max_new < 1 else None)
+    fail_if("--speculative decodes greedily: drop --temperature or give 0"
+            if args.speculative and args.temperature not in (None, 0) else None)  # fmt: skip
+    from research.inference.engine import Sampling
+    from research.training.trained import complete, load_trained
+
+    try:
+        temperature = 0.0 if args.speculative else 0.8 if args.temperature is None else args.temperature
+        sampling = Sampling(temperature, args.top_p, args.seed)
+        trained = load_trained(args.run, args.uri, device=None)
+        texts, note = complete(trained, args.prompt, args.max_new, sampling, args.speculative, args.compile)
+    except USER_ERRORS as e:
+        fail_if(one_line(e))
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(prompt + text, end="\n\n")
+    if note:
+        print(note, file=sys.stderr)
+
+
+def _decode_bench(rest: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="lab decode-bench", description="What decoding a trained run costs."
+    )
+    parser.add_argument("run", help="a run folder, a checkpoint file, or an MLflow run id")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument(
+        "--contexts", default=None, help="comma-separated cached positions (default: data.seq_len)"
+    )
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="the largest batch's budget (default: the GPU's free memory)")  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true", help="replay one compiled step as a CUDA graph (GPU)"
+    )
+    parser.add_argument("--log", action="store_true", help="also log the metrics to the run's MLflow run")
+    parser.add_argument("--uri", default="sqlite:///mlruns.db", help="MLflow tracking URI")
+    args = parser.parse_args(rest)
+    batches = _positive_ints("--batches", args.batches)
+    contexts = _positive_ints("--contexts", args.contexts) if args.contexts else None
+    from research.inference.measure import DecodeSettings, free_memory_gib
+    from research.training.trained import load_trained, log_to_run, measure_decoding
+
+    try:
+        trained = load_trained(args.run, args.uri, device=None)
+        budget = args.memory_gib or free_memory_gib(trained.model.embed.weight.device)
+        settings = DecodeSettings(
+            batches, contexts or (trained.context,), args.new_tokens, budget, args.compile
+        )
+        values = measure_decoding(trained, settings)
+        width = max(map(len, values))
+        print(*(f"{name:<{width}}  {value:,.4g}" for name, value in values.items()), sep="\n")
+        if args.log:
+            print(f"logged to MLflow run {log_to_run(trained, values, args.uri)}")
+    except USER_ERRORS as e:
+        fail_if(one_line(e))
+
+
+def _positive_ints(option: str, text: str) -> tuple[int, ...]:
+    words = text.split(",")
+    ok = all(w.strip().isdigit() and int(w) > 0 for w in words)
+    fail_if(None if ok else f"{option} {text!r}: expected positive integers separated by commas, e.g. 1,8")
+    return tuple(int(w) for w in words)
+
+
 def _refuse_unknown_options(parser: Any, overrides: list[str]) -> None:
     """What argparse does not know passes on as overrides; a ``--flag`` there is a typo or another
     command's option (``--cfg`` is ``lab train``'s), and Hydra's parse error would not say so."""
@@ -343,7 +430,7 @@ def fail_if(problem: str | None) -> None:
 
 
 COMMANDS = {"train": _train, "grid": _grid, "compare": _compare, "sweep": _sweep, "status": _status,
-            "server": _server}  # fmt: skip
+            "server": _server, "generate": _generate, "decode-bench": _decode_bench}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,8 @@ from research.runtime import redact
 from research.tracking import tags as T
 
 # Keys that change where or how a run is recorded, not what it computes.
-_NOT_HASHED = ("tracking", "cluster", "resume", "ablation", "grid", "trainer.progress_bar",
+# ``eval``: measured after training, from the checkpoint; ``lab decode-bench RUN --log`` adds it later.
+_NOT_HASHED = ("tracking", "cluster", "resume", "ablation", "grid", "eval", "trainer.progress_bar",
                "trainer.requeue_signal", "data.cache_dir")  # fmt: skip
 
 

@@ -162,6 +162,9 @@ class ByteTokenizer:
     def token_bytes(self) -> np.ndarray:
         return np.ones(self.vocab_size, dtype=np.int64)
 
+    def decode(self, ids: list[int]) -> bytes:
+        return bytes(ids)
+
 
 def _byte_chars() -> list[str]:
     """Byte-level BPE's alphabet (GPT-2's, which ``tokenizers``' ByteLevel uses): byte b -> one
@@ -237,6 +240,11 @@ class BPETokenizer:
                  for ok, run in utf8_runs(data)]  # fmt: skip
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
+    def decode(self, ids: list[int]) -> bytes:
+        """The bytes ``ids`` stand for, each token's characters mapped back through the alphabet."""
+        byte_of = {c: b for b, c in enumerate(_byte_chars())}
+        return bytes(byte_of[c] for i in ids for c in self.tokenizer.id_to_token(i))
+
     def token_bytes(self) -> np.ndarray:
         # Each character of a token stands for one byte (``_byte_chars``).
         vocab = self.tokenizer.get_vocab()
@@ -275,6 +283,7 @@ class TokenizedCorpus:
     token_bytes: np.ndarray  # id -> bytes of text it stands for
     vocab_size: int
     cache_dir: Path
+    tokenizer: ByteTokenizer | BPETokenizer
 
 
 def tokenize_corpus(data_cfg: Any, log: Callable[[str], None] = print) -> TokenizedCorpus:
@@ -338,7 +347,7 @@ def tokenize_corpus(data_cfg: Any, log: Callable[[str], None] = print) -> Tokeni
             cache.mkdir(parents=True, exist_ok=True)
             _write_tokens(path, [tokenizer.encode(d.read()) for d in split_docs], dtype)
         tokens[split] = np.load(path, mmap_mode="r")
-    return TokenizedCorpus(tokens, tokenizer.token_bytes(), tokenizer.vocab_size, cache)
+    return TokenizedCorpus(tokens, tokenizer.token_bytes(), tokenizer.vocab_size, cache, tokenizer)
 
 
 # --- batches ---------------------------------------------------------------------------------

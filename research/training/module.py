@@ -26,7 +26,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _unwrapped(name: str) -> str:
+def unwrapped_name(name: str) -> str:
     """A parameter's name without the wrappers FSDP and torch.compile insert."""
     return name.replace("_fsdp_wrapped_module.", "").replace("_orig_mod.", "")
 
@@ -143,7 +143,7 @@ class LitLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
-        named = [(_unwrapped(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named = [(unwrapped_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = [{"name": g, "params": [p for n, p in named if self.optim_group_of[n] == g],
                    "weight_decay": 0.0 if g == "no_decay" else o["weight_decay"]}
                   for g in ("dense", "experts", "no_decay")]  # fmt: skip

@@ -152,12 +152,29 @@ def train(
                 logger.finalize("success")
             if moe_monitor.global_loads is not None:
                 tracking.log_expert_loads(logger, moe_monitor.global_loads.tolist())
+            if cfg.eval.decode and rank_zero_only.rank == 0:
+                log_decoding(cfg, data.prepare(), module, trainer, logger)
         except preemption.Requeued:
             raise  # the run is SCHEDULED, not failed: it continues when the job starts again
         except BaseException as e:
             tracking.mark_failed(logger, f"{type(e).__name__}: {' '.join(str(e).split())}")
             raise
         return TrainResult(logger.run_id, {k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def log_decoding(cfg: DictConfig, corpus: Any, module: LitLM, trainer: L.Trainer, logger: Any) -> None:
+    """``eval.decode``: the ``decode/*`` metrics of the trained weights, on a plain copy of the
+    model (no training converters), in the precision it trained in (bf16 for bf16-mixed)."""
+    from research.training.trained import Trained, decode_settings, measure_decoding, rebuild
+
+    if trainer.world_size > 1:  # the weights are spread over the ranks: measure the checkpoint instead
+        print("eval.decode: measured for single-device runs; for this one: lab decode-bench RUN_FOLDER --log")
+        return
+    dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+    model = rebuild(cfg, corpus.vocab_size, module.model.state_dict())
+    model = model.to(device=trainer.strategy.root_device, dtype=dtype).eval()
+    trained = Trained(model, corpus.tokenizer, int(cfg.data.seq_len), cfg, None, corpus.tokens["val"])
+    logger.log_metrics(measure_decoding(trained, decode_settings(cfg)), step=trainer.global_step)
 
 
 def run_dir_of_hydra_job() -> tuple[Path, list[str]]:
