@@ -32,7 +32,7 @@ OUT = Path("docs/results") / GRID
 class Question:
     question: str
     arm: str
-    baseline: str
+    baseline: str  # "": the arm's own number, no comparison
     metric: str
     paper: str  # their number, and where it is from
     relative: bool = False  # ours as the arm's relative difference, in %
@@ -57,6 +57,11 @@ QUESTIONS = (
     Question("all four vs baseline: val/bpb", "all_four", "baseline", M.VAL_BPB, "-"),
     Question("FP8 vs BF16 (all four): relative val/loss error", "all_four_fp8", "all_four", M.VAL_LOSS,
              "below 0.25% (DeepSeek-V3, 16B and 230B)", relative=True),
+    Question("MTP as speculative decoding: depth 1's drafts kept (greedy)", "mtp", "", M.MTP_ACCEPTANCE,
+             "85-90% of second tokens, 1.8x tokens/s (DeepSeek-V3 §5.4.3)"),
+    Question("... and with all four", "all_four", "", M.MTP_ACCEPTANCE, "85-90% (DeepSeek-V3 §5.4.3)"),
+    Question("MTP speculative decoding: tokens/s over plain greedy (the GPU shared by the grid)", "mtp", "",
+             M.SPECULATIVE_SPEEDUP, "1.8x (DeepSeek-V3 §5.4.3)"),
 )  # fmt: skip
 
 
@@ -68,11 +73,15 @@ def _by_seed(runs: list[RunRecord], arm: str, metric: str) -> dict[int, float]:
 def ours(runs: list[RunRecord], q: Question) -> str:
     """The arm's number beside its baseline's, and the difference with its interval and p."""
     arm, base = _by_seed(runs, q.arm, q.metric), _by_seed(runs, q.baseline, q.metric)
+    fmt = M.spec_of(q.metric).format
+    if arm and not q.baseline:  # a number of the arm alone
+        values = list(arm.values())
+        spread = f" ± {fmt(float(np.std(values, ddof=1)))}" if len(values) > 1 else ""
+        return f"{fmt(float(np.mean(values)))}{spread} ({len(values)} seeds)"
     if not arm or not base:
         return "not run"
     a, b = float(np.mean(list(arm.values()))), float(np.mean(list(base.values())))
     d: Delta = compare_by_seed(arm, base)
-    fmt = M.spec_of(q.metric).format
     if q.relative:
         rel = lambda x: f"{100 * x / b:+.2f}%"  # noqa: E731
         interval = "" if np.isnan(d.ci_low) else f" [{rel(d.ci_low)}, {rel(d.ci_high)}]"
