@@ -64,6 +64,13 @@ NUMERIC = [
     ("data.val_fraction=1.5", "data.val_fraction=1.5 is not allowed; allowed: a number in (0, 1]"),
     ("trainer.devices=0", "trainer.devices=0 is not allowed; allowed: auto, an integer >= 1, or a list"),
     ("trainer.devices=many", "trainer.devices='many' is not allowed; allowed: auto, an integer >= 1"),
+    (
+        "eval.decode_batches=[1,0]",
+        "eval.decode_batches=[1, 0] is not allowed; allowed: a non-empty list of "
+        "positive integers (batch sizes)",
+    ),
+    ("eval.decode_contexts=[]", "eval.decode_contexts=[] is not allowed; allowed: a non-empty list"),
+    ("eval.decode_memory_gib=0", "eval.decode_memory_gib=0 is not allowed; allowed: a number > 0"),
 ]
 
 

@@ -13,6 +13,7 @@ KILLED_REASON = "killed_reason"  # why a run was closed as KILLED (died before i
 RESUMES = "resumes"  # how many times the run was resumed into
 REQUEUED_AT_STEP = "requeued_at_step"  # the step of its last Slurm requeue
 JOB_ID = "slurm.job_id"  # the scheduler's job (an array task: ARRAY_TASK)
+DECODE_ERROR = "eval.decode_error"  # why eval.decode measured nothing (the run itself finished)
 MOE_COLLAPSED = "moe.collapsed"  # "true": some MoE layer's routing collapsed (MoEMonitor)
 KIND = "lab.kind"  # "sweep" (a sweep's parent run) or "report" (a comparison's report run)
 REPORT_OF = "lab.report_of"  # a hash of the compared runs' ids: one report run per comparison

@@ -42,7 +42,11 @@ RANGES: dict[str, tuple[type, float, float, bool]] = {
     "data.val_fraction": (float, 0, 1, False),
     "data.test_fraction": (float, 0, 1, True),
     "data.bpe_vocab_size": (int, 257, math.inf, True),
+    "eval.decode_new_tokens": (int, 1, math.inf, True),
+    "eval.decode_memory_gib": (float, 0, math.inf, False),
 }
+# Lists of positive integers: key -> what the list is.
+POSITIVE_LISTS = {"eval.decode_batches": "batch sizes", "eval.decode_contexts": "cached positions"}
 
 
 def _allowed(kind: type, low: float, high: float, inclusive: bool) -> str:
@@ -70,6 +74,13 @@ def check_ranges(cfg: DictConfig) -> None:
     listed = as_list is not None and len(as_list) > 0 and all(isinstance(d, int) and d >= 0 for d in as_list)
     if not (devices == "auto" or countable or listed):
         raise spec_error("trainer.devices", devices, "auto, an integer >= 1, or a list of device indices")
+    for key, what in POSITIVE_LISTS.items():
+        given = OmegaConf.select(cfg, key, default=None)
+        if given is None and key == "eval.decode_contexts":
+            continue  # data.seq_len
+        values = OmegaConf.to_object(given) if OmegaConf.is_list(given) else None
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise spec_error(key, given, f"a non-empty list of positive integers ({what}), e.g. [1, 8]")
     for betas in [OmegaConf.select(cfg, "optim.betas", default=None)]:
         if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
             raise spec_error("optim.betas", list(betas), "two numbers in [0, 1)")

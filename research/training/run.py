@@ -23,6 +23,7 @@ from research import metrics as M
 from research.config.build import apply_precision_recipe, linear_factory, model_config, precision_of
 from research.runtime import redact
 from research.tracking import store as tracking
+from research.tracking import tags as T
 from research.training import checkpoints, converters, ownership, preemption
 from research.training.callbacks import (
     DivergenceGuard,
@@ -171,10 +172,17 @@ def log_decoding(cfg: DictConfig, corpus: Any, module: LitLM, trainer: L.Trainer
         print("eval.decode: measured for single-device runs; for this one: lab decode-bench RUN_FOLDER --log")
         return
     dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
-    model = rebuild(cfg, corpus.vocab_size, module.model.state_dict())
-    model = model.to(device=trainer.strategy.root_device, dtype=dtype).eval()
-    trained = Trained(model, corpus.tokenizer, int(cfg.data.seq_len), cfg, None, corpus.tokens["val"])
-    logger.log_metrics(measure_decoding(trained, decode_settings(cfg)), step=trainer.global_step)
+    try:
+        model = rebuild(cfg, corpus.vocab_size, module.model.state_dict())
+        model = model.to(device=trainer.strategy.root_device, dtype=dtype).eval()
+        trained = Trained(model, corpus.tokenizer, int(cfg.data.seq_len), cfg, None, corpus.tokens["val"])
+        values = measure_decoding(trained, decode_settings(cfg))
+    except Exception as e:  # a measurement after the fact: the trained run stays FINISHED
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        print(f"eval.decode: measured nothing: {reason}")
+        logger.experiment.set_tag(logger.run_id, T.DECODE_ERROR, reason)
+        return
+    logger.log_metrics(values, step=trainer.global_step)
 
 
 def run_dir_of_hydra_job() -> tuple[Path, list[str]]:
