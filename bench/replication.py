@@ -1,6 +1,6 @@
 """DeepSeek-V3's choices at small scale, with the papers' numbers beside ours.
 
-    python -m bench.replication [--jobs 14] [--out docs/results/v3_replication] [OVERRIDES ...]
+    python -m bench.replication [--jobs 15] [--out docs/results/v3_replication] [OVERRIDES ...]
 
 Runs ``ablations/v3_replication.yaml`` through the user path (``lab grid``: what finished before is
 skipped), compares it (``lab compare``'s report goes to ``OUT/report/``), and writes
@@ -59,6 +59,9 @@ QUESTIONS = (
              "below 0.25% (DeepSeek-V3, 16B and 230B)", relative=True),
     Question("MTP as speculative decoding: depth 1's drafts kept (greedy)", "mtp", "", M.MTP_ACCEPTANCE,
              "85-90% of second tokens, 1.8x tokens/s (DeepSeek-V3 §5.4.3)"),
+    Question("... depth 2: its first draft kept", "mtp_d2", "", M.MTP_ACCEPTANCE, "-"),
+    Question("... depth 2: its second draft kept, given the first", "mtp_d2", "", f"{M.MTP_ACCEPTANCE}/d2",
+             "-"),
     Question("... and with all four", "all_four", "", M.MTP_ACCEPTANCE, "85-90% (DeepSeek-V3 §5.4.3)"),
     Question("MTP speculative decoding: tokens/s over plain greedy (the GPU shared by the grid)", "mtp", "",
              M.SPECULATIVE_SPEEDUP, "1.8x (DeepSeek-V3 §5.4.3)"),
@@ -134,7 +137,7 @@ def main() -> None:
     from research.experiments.grid import run_grid
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=14, help="runs at once on the GPU")
+    parser.add_argument("--jobs", type=int, default=15, help="runs at once on the GPU")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--uri", default="sqlite:///mlruns.db")
     args, overrides = parser.parse_known_args()
