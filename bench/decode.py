@@ -12,7 +12,7 @@ or ``DeepseekV3ForCausalLM`` (MLA with its MoE; ours is converted from its weigh
 ``transformers.StaticCache``, eager and with its forward compiled as transformers' docs show. The
 peer caches MLA's keys and values per head, expanded; ours caches the latent. bf16 on a GPU.
 
-Needs torch and transformers (both in the device image), not MLflow or Hydra.
+Needs torch and transformers, and OmegaConf and Lightning for what it imports from ``research``.
 """
 
 from __future__ import annotations
@@ -187,6 +187,8 @@ def main() -> None:
     fits: dict[tuple[str, int], int] = {}
     for v in variants:
         model = VARIANTS[v](s)[0].to(device=device, dtype=dtype).eval()
+        if device.type == "cuda":  # what the search starts from (the weights, and nothing left over)
+            print(f"  {v}: {torch.cuda.memory_allocated(device) / GIB:.2f} GiB allocated before the search")
         for c in contexts:
             fits[v, c] = largest_batch(model, c, args.budget_gib)
         print(f"| {v} | " + " | ".join(str(fits[v, c]) for c in contexts) + " |")

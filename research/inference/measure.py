@@ -4,6 +4,7 @@ and MTP speculation's acceptance and speed-up. The numbers behind the ``decode/*
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 
@@ -64,7 +65,7 @@ def _fits(model: Transformer, batch: int, context: int, budget_bytes: float) -> 
             weights + batch * context * model.kv_cache_bytes_per_token(model.embed.weight.element_size())
             <= budget_bytes
         )
-    torch.cuda.empty_cache()
+    _release(device)
     torch.cuda.reset_peak_memory_stats(device)
     try:
         decoder = Decoder(model, batch, context)
@@ -76,8 +77,17 @@ def _fits(model: Transformer, batch: int, context: int, budget_bytes: float) -> 
         return False
     finally:
         decoder = None
-        torch.cuda.empty_cache()
+        _release(device)
     return peak <= budget_bytes
+
+
+def _release(device: torch.device) -> None:
+    """Free what a tried batch held: an out-of-memory error's traceback keeps its frames (and the
+    cache they allocated) alive in reference cycles until the collector runs, and the next, smaller
+    batch would then be measured on top of them."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
 
 
 def free_memory_gib(device: torch.device) -> float | None:
