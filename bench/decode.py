@@ -5,6 +5,9 @@ caches, and the largest batch a memory budget holds at each context.
     python -m bench.decode [--contexts 1024,8192,32768] [--batches 1,8] [--budget-gib 40]
     python -m bench.decode --tiny --device cpu   # a smoke run of the script itself
 
+Each attention x side runs in its own process (``--no-isolate``: all in this one), so a crash or a
+compile past ``--side-timeout`` costs that piece's rows, not the table.
+
 One decode step is timed with its context already in the cache (neither side prefills: a step's
 cost depends on how many positions it attends over). Ours is ``research.inference.engine.Decoder``,
 eager and compiled (one step replayed as a CUDA graph); the peer is ``LlamaForCausalLM`` (MHA, GQA)
@@ -18,9 +21,14 @@ Needs torch and transformers, and OmegaConf and Lightning for what it imports fr
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -111,7 +119,8 @@ def time_peer(peer: torch.nn.Module, batch: int, context: int, new_tokens: int, 
 
 
 def run_variant(name: str, s: Shape, device: torch.device, dtype: torch.dtype, contexts: list[int],
-                batches: list[int], new_tokens: int, sides: list[str]) -> list[Row]:  # fmt: skip
+                batches: list[int], new_tokens: int, sides: list[str],
+                quiet: bool = False) -> list[Row]:  # fmt: skip
     ours, peer = VARIANTS[name](s)
     ours, peer = ours.to(device=device, dtype=dtype).eval(), peer.to(device=device, dtype=dtype).eval()
     rows = []
@@ -133,9 +142,37 @@ def run_variant(name: str, s: Shape, device: torch.device, dtype: torch.dtype, c
                     why = " ".join(str(e).split())[:160]
                     print(f"{name} {side} b{batch} ctx{context}: {type(e).__name__}: {why}")
                     rows.append(Row(name, side, batch, context, float("nan"), float("nan")))
-                print_row(rows[-1])
+                if not quiet:
+                    print_row(rows[-1])
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    return rows
+
+
+def isolated(variant: str, side: str, args: argparse.Namespace) -> list[Row]:
+    """One attention x side in a child process: compiled decoding (ours, and transformers' with
+    its static cache) has crashed the whole process on a GPU, and a compile can run long; either
+    is then that piece's rows, as NaN, not the end of the table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "bench.decode", "--variants", variant, "--sides", side, "--contexts",
+               args.contexts, "--batches", args.batches, "--new-tokens", str(args.new_tokens), "--device",
+               args.device, "--rows-to", str(out), *(["--tiny"] if args.tiny else [])]  # fmt: skip
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.side_timeout)
+            why = f"exit code {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
+        except subprocess.TimeoutExpired:
+            proc, why = None, f"not done within {args.side_timeout:g} s"
+        if proc is not None and proc.returncode == 0:
+            rows = [Row(**r) for r in json.loads(out.read_text())]
+        else:
+            print(f"{variant} {side}: {why}")
+            settings = [
+                (b, c) for c in map(int, args.contexts.split(",")) for b in map(int, args.batches.split(","))
+            ]
+            rows = [Row(variant, side, b, c, float("nan"), float("nan")) for b, c in settings]
+    for r in rows:
+        print_row(r)
     return rows
 
 
@@ -162,6 +199,14 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, default=40.0, help="memory for the largest-batch search")
     parser.add_argument("--tiny", action="store_true", help="a tiny shape: a smoke run of this script")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each attention x side in its own process (a crash or hang is its rows' failure)",
+    )
+    parser.add_argument("--side-timeout", type=float, default=300, help="seconds for one isolated piece")
+    parser.add_argument("--rows-to", help=argparse.SUPPRESS)  # an isolated piece writes its rows here
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -174,12 +219,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {name}, {dtype}; "
           f"d_model {s.d_model}, {s.n_layers} layers, {s.n_heads} heads; "
           f"{args.new_tokens} timed tokens after 3")  # fmt: skip
+    if args.rows_to:  # one piece of an isolated run: its rows, for the parent to print
+        rows = [r for v in variants for r in run_variant(v, s, device, dtype, contexts, batches,
+                                                           args.new_tokens, sides, quiet=True)]  # fmt: skip
+        Path(args.rows_to).write_text(json.dumps([asdict(r) for r in rows]))
+        return
     print(HEADER)
-    rows = [
-        r
-        for v in variants
-        for r in run_variant(v, s, device, dtype, contexts, batches, args.new_tokens, sides)
-    ]
+    if args.isolate:
+        rows = [r for v in variants for side in sides for r in isolated(v, side, args)]
+    else:
+        rows = [r for v in variants for r in run_variant(v, s, device, dtype, contexts, batches,
+                                                         args.new_tokens, sides)]  # fmt: skip
 
     print(f"\nLargest batch within {args.budget_gib:g} GiB (ours; weights, cache and one step):")
     print("| attention | " + " | ".join(f"ctx {c}" for c in contexts) + " |")

@@ -1,6 +1,8 @@
 """Decoding: the static-cache engine against the full forward, sampling, and MTP speculation
 against plain greedy decoding and against drafts recomputed from scratch."""
 
+import math
+
 import pytest
 import torch
 
@@ -154,3 +156,37 @@ def test_the_decode_bench_runs_and_checks_its_targets_on_a_cpu():
     assert all(r.endswith("| 1.000 |") for r in rows if "| ours eager |" in r)  # cache as computed
     assert "- MLA's measured cache within 10% of computed: worst 0.0%: met" in proc.stdout
     assert "- at ctx 64, MLA fits" in proc.stdout
+
+    # Each attention x side runs in its own process: one past its time is its rows, as NaN.
+    cmd = [sys.executable, "-m", "bench.decode", *args, "--variants", "mla", "--side-timeout", "0.01"]
+    late = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert late.returncode == 0, late.stderr[-3000:]
+    assert "mla peer eager: not done within 0.01 s" in late.stdout
+    assert "| mla | peer eager | 1 | 64 | nan | nan | - | - |" in late.stdout
+
+
+def test_largest_batch_is_the_cpus_arithmetic_and_few_tries_where_memory_is_measured():
+    from research.inference.measure import GIB, largest_batch, peak_bytes
+
+    model = Transformer(tiny_config("mla", "dense"))
+    per_row = 64 * model.kv_cache_bytes_per_token(4)  # fp32 on a CPU, 64 positions a row
+    weights = peak_bytes(model, 0, 64)
+    assert largest_batch(model, 64, (weights + 100 * per_row + per_row / 2) / GIB) == 100
+    assert largest_batch(model, 64, (weights + per_row / 2) / GIB) == 0
+
+    # A GPU's measured peaks: a fixed part, a per-row part, 2 MiB allocator blocks, and out of
+    # memory past 700 rows whatever the budget. Each try is an allocation: few, and the answer fits.
+    tries = []
+
+    def measured(_model, batch, _context):
+        tries.append(batch)
+        if batch > 700:
+            return float("inf")
+        return math.ceil((3 * GIB + batch * 40e6) / 2**21) * 2**21
+
+    for budget in (20, 100):
+        truth = max(b for b in range(1, 2000) if measured(model, b, 64) <= budget * GIB)
+        tries.clear()
+        got = largest_batch(model, 64, budget, peak=measured)
+        assert len(tries) <= (4 if budget == 20 else 16), tries  # the line held / it had to bisect
+        assert measured(model, got, 64) <= budget * GIB and got >= 0.97 * truth, (budget, got, truth)
