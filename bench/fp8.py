@@ -296,12 +296,15 @@ SHAPES = {
 }
 
 
+# Every layer in FP8, whatever its size: the recipe's numerics and its cost where it does not pay.
+FP8_ALL = ["precision=fp8", "precision.min_features=0"]
 STEP_ARMS = {  # name: overrides; "fp8 exp. bf16" only for MoE shapes
     "bf16": ["precision=bf16"],
-    "fp8": ["precision=fp8"],
-    "fp8 wgrad bf16": ["precision=fp8", "precision.wgrad=bf16"],
+    "fp8": ["precision=fp8"],  # small layers left in bf16 (precision.min_features)
+    "fp8 all": FP8_ALL,
+    "fp8 wgrad bf16": [*FP8_ALL, "precision.wgrad=bf16"],
     "fp8_rowwise": ["precision=fp8_rowwise"],
-    "fp8 exp. bf16": ["precision=fp8", "precision.experts=bf16"],  # routed experts' FP8 is simulated
+    "fp8 exp. bf16": [*FP8_ALL, "precision.experts=bf16"],  # routed experts' FP8 is simulated
 }
 
 
@@ -351,17 +354,17 @@ MOE = ["ffn=moe", "balance=aux_free"]
 PARITY_VARIANTS = {  # name: (overrides, seed, the bf16 run it is compared with)
     "bf16": (["precision=bf16"], 0, "bf16"),
     "bf16 again": (["precision=bf16"], 0, "bf16"),
-    "fp8": (["precision=fp8"], 0, "bf16"),
+    "fp8": (FP8_ALL, 0, "bf16"),
     **{f"bf16 seed {k}": (["precision=bf16"], k, "bf16") for k in (1, 2, 3)},  # the seeds' spread
-    **{f"fp8 seed {k}": (["precision=fp8"], k, f"bf16 seed {k}") for k in (1, 2, 3)},
+    **{f"fp8 seed {k}": (FP8_ALL, k, f"bf16 seed {k}") for k in (1, 2, 3)},
     # The chaos floor: bf16 again with the learning rate 0.01% above PARITY's, a nudge far smaller
     # than FP8's rounding (a few % per value). Where it lands as far off as fp8 does, training's own
     # sensitivity, not the recipe, sets the difference at this scale.
     "bf16 nudged": (["precision=bf16", "optim.lr=3.0003e-4"], 0, "bf16"),
     "bf16 nudged seed 2": (["precision=bf16", "optim.lr=3.0003e-4"], 2, "bf16 seed 2"),
     "moe bf16": ([*MOE, "precision=bf16"], 0, "moe bf16"),
-    "moe fp8": ([*MOE, "precision=fp8"], 0, "moe bf16"),
-    "moe fp8 experts bf16": ([*MOE, "precision=fp8", "precision.experts=bf16"], 0, "moe bf16"),
+    "moe fp8": ([*MOE, *FP8_ALL], 0, "moe bf16"),
+    "moe fp8 experts bf16": ([*MOE, *FP8_ALL, "precision.experts=bf16"], 0, "moe bf16"),
 }
 PARITY_DEFAULT = "bf16,fp8,bf16 nudged,bf16 seed 2,fp8 seed 2,bf16 nudged seed 2"
 
@@ -447,7 +450,9 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=2048, help="profile: the layer's width")
     parser.add_argument("--variant", choices=list(PARITY_VARIANTS), help="parity-run: which arm")
     parser.add_argument("--out", help="parity-run: where the arm writes its losses")
-    parser.add_argument("--arms", default="bf16,fp8,fp8_rowwise,fp8 exp. bf16", help="step: comma-separated")
+    parser.add_argument(
+        "--arms", default="bf16,fp8,fp8 all,fp8_rowwise,fp8 exp. bf16", help="step: comma-separated"
+    )
     parser.add_argument("--dense-only", action="store_true", help="step: skip the MoE shape")
     parser.add_argument("--variants", default=PARITY_DEFAULT, help="parity: comma-separated arms")
     parser.add_argument(

@@ -100,7 +100,7 @@ def test_an_outlier_channel_ruins_a_per_tensor_scale_but_only_its_own_tiles():
 
 
 def test_precision_fp8_trains_with_the_emulation_on_cpu_and_records_the_path(tmp_path, shared_cache):
-    proc = lab(tmp_path, *TINY, "precision=fp8", "trainer.deterministic=true")
+    proc = lab(tmp_path, *TINY, "precision=fp8", "precision.min_features=0", "trainer.deterministic=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = runs(tmp_path)
     assert run.info.status == "FINISHED" and run.data.params["precision.name"] == "fp8"
@@ -206,3 +206,47 @@ def test_projections_reading_one_input_quantise_it_once_and_match_separate_input
 
 def test_triton_quantisers_place_every_value_and_scale_like_the_reference_in_the_interpreter():
     assert_ok_under_triton_interpreter("tests.fp8_triton_interpreted")
+
+
+def _fp8_model(*overrides: str):
+    from research.config.build import apply_precision_recipe, linear_factory, model_config
+    from research.config.compose import compose_run
+    from research.model.transformer import Transformer
+
+    cfg = compose_run(["model=tiny", "model.d_model=128", "attention=mla", "ffn=moe", "precision=fp8",
+                       *overrides])  # fmt: skip
+    model = Transformer(model_config(cfg, 256), linear_factory(cfg))
+    before = {name: p for name, p in model.named_parameters()}
+    line = apply_precision_recipe(model, cfg)
+    assert {name: p for name, p in model.named_parameters()} == before  # the same weights, by name
+    return model, line
+
+
+def test_fp8_keeps_in_bf16_the_layers_below_min_features_and_says_which():
+    from components.moe import GroupedExperts
+
+    def fp8_sides(model):
+        return sorted({(m.in_features, m.out_features) for m in model.modules() if isinstance(m, FP8Linear)})
+
+    everything, line = _fp8_model("precision.min_features=0")
+    assert line.startswith("precision=fp8: every projection in FP8")
+    assert (128, 40) in fp8_sides(everything)  # MLA's latent and rope-key down-projection
+    assert all(m.fp8 is not None for m in everything.modules() if isinstance(m, GroupedExperts))
+
+    # tiny's widths: d_model 128, latent 32 (+8 rope), experts 64, dense FFN 192, heads 4 x 16
+    some, line = _fp8_model("precision.min_features=128")
+    assert fp8_sides(some) and all(min(s) >= 128 for s in fp8_sides(some))
+    assert all(m.fp8 is None for m in some.modules() if isinstance(m, GroupedExperts))  # 64 wide
+    assert "precision.min_features=128 stay bf16" in line and "blocks.*.attn.wkv_a [128->40] x2" in line
+    assert line.endswith("blocks.*.ffn.experts [8 experts, 128->64]")  # one MoE layer: no count
+
+    default, line = _fp8_model()  # 2048: nothing in tiny is wide enough
+    assert not fp8_sides(default) and "precision.min_features=2048" in line
+
+
+def test_min_features_must_be_a_whole_number():
+    from research.training.preflight import precheck
+
+    assert precheck(["model=tiny", "precision=fp8", "precision.min_features=-1"]) == (
+        "precision.min_features=-1 is not allowed; allowed: a whole number, 0 for every layer in FP8"
+    )

@@ -18,9 +18,10 @@ from components.fp8.format import (
     round_up,
     scaled_mm_available,
 )
-from components.fp8.linear import FP8Linear, fp8_linear_factory
+from components.fp8.linear import FP8Linear, fp8_linear_factory, keep_small_in_bf16
 
 __all__ = ["E4M3", "ROWS", "TILE", "FP8Linear", "dequantize_blocks", "dequantize_tiles",
-           "fake_quantize_blocks", "fake_quantize_tiles", "fp8_linear_factory", "pad_to_tiles",
+           "fake_quantize_blocks", "fake_quantize_tiles", "fp8_linear_factory", "keep_small_in_bf16",
+           "pad_to_tiles",
            "quantize_activation", "quantize_blocks", "quantize_tiles", "quantize_weight", "round_up",
            "scaled_mm_available"]  # fmt: skip

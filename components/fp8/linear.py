@@ -139,6 +139,23 @@ class FP8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(out_dtype)
 
 
+def keep_small_in_bf16(model: nn.Module, min_features: int) -> list[str]:
+    """Swap each ``FP8Linear`` with fewer than ``min_features`` inputs or outputs back to a plain
+    ``nn.Linear`` holding the same weight, and name them. A small GEMM gains less from FP8 than its
+    quantisation passes cost, so FP8 there is slower than bf16 (torchao filters its float8
+    training the same way, by the layer's sides)."""
+    kept = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FP8Linear) and min(child.in_features, child.out_features) < min_features:
+                plain = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                plain.weight = child.weight
+                setattr(parent, name, plain)
+                full = f"{parent_name}.{name}" if parent_name else name
+                kept.append(f"{full} [{child.in_features}->{child.out_features}]")
+    return kept
+
+
 def fp8_linear_factory(path: str = "auto", pow2_scales: bool = False, dgrad: str = "fp8", wgrad: str = "fp8"):
     """A ``LinearFactory`` making ``FP8Linear``s with these options."""
 

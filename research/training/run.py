@@ -54,7 +54,8 @@ def build(cfg: DictConfig) -> tuple[LMDataModule, LitLM]:
         linear_factory(cfg),
         converters.options_of(cfg.trainer),
     )
-    apply_precision_recipe(module.model, cfg)
+    if line := apply_precision_recipe(module.model, cfg):
+        print(line, flush=True)
     return data, module
 
 

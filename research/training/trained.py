@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from research.config.build import linear_factory, model_config
+from research.config.build import apply_precision_recipe, linear_factory, model_config
 from research.errors import DecodeError
 from research.inference.engine import GREEDY, Sampling, generate
 from research.inference.measure import DecodeSettings, decode_metrics
@@ -83,6 +83,8 @@ def rebuild(cfg: DictConfig, vocab_size: int, state: dict[str, torch.Tensor]) ->
     """A plain model of ``cfg`` holding ``state``: no compiled blocks or other speed converters,
     whose wrappers' names (``_orig_mod.``) the state may carry."""
     model = Transformer(model_config(cfg, vocab_size), linear_factory(cfg))
+    if cfg.precision.name == "fp8":
+        apply_precision_recipe(model, cfg)  # the layers FP8 left in bf16 are plain again
     model.load_state_dict({unwrapped_name(k): v for k, v in state.items()})
     return model
 
