@@ -13,7 +13,8 @@ cost depends on how many positions it attends over). Ours is ``research.inferenc
 eager and compiled (one step replayed as a CUDA graph); the peer is ``LlamaForCausalLM`` (MHA, GQA)
 or ``DeepseekV3ForCausalLM`` (MLA with its MoE; ours is converted from its weights) stepping a
 ``transformers.StaticCache``, eager and with its forward compiled as transformers' docs show. The
-peer caches MLA's keys and values per head, expanded; ours caches the latent. bf16 on a GPU.
+peer caches MLA's latent and rope key as ours does (transformers 5's DeepseekV3 does: the cache
+column shows both sides' bytes). bf16 on a GPU.
 
 Needs torch and transformers, and OmegaConf and Lightning for what it imports from ``research``.
 """
