@@ -105,6 +105,7 @@ def test_precision_fp8_trains_with_the_emulation_on_cpu_and_records_the_path(tmp
     (run,) = runs(tmp_path)
     assert run.info.status == "FINISHED" and run.data.params["precision.name"] == "fp8"
     assert run.data.tags["precision.fp8_path"] == "emulated"
+    assert "precision=fp8: every projection in FP8 (none below precision.min_features=0)" in proc.stdout
     bad = lab(tmp_path, *TINY, "precision=fp8", "precision.wgrad=fp4")
     assert error_line(bad).startswith("error: precision.wgrad='fp4' is not allowed; allowed: fp8, bf16")
     forced = lab(tmp_path, *TINY, "precision=fp8", "precision.path=scaled_mm")
