@@ -150,7 +150,8 @@ def run_variant(name: str, s: Shape, device: torch.device, dtype: torch.dtype, c
     return rows
 
 
-def isolated(variant: str, side: str, args: argparse.Namespace) -> list[Row]:
+def isolated(variant: str, side: str, args: argparse.Namespace, contexts: list[int],
+             batches: list[int]) -> list[Row]:  # fmt: skip
     """One attention x side in a child process: compiled decoding (ours, and transformers' with
     its static cache) has crashed the whole process on a GPU, and a compile can run long; either
     is then that piece's rows, as NaN, not the end of the table."""
@@ -168,10 +169,7 @@ def isolated(variant: str, side: str, args: argparse.Namespace) -> list[Row]:
             rows = [Row(**r) for r in json.loads(out.read_text())]
         else:
             print(f"{variant} {side}: {why}")
-            settings = [
-                (b, c) for c in map(int, args.contexts.split(",")) for b in map(int, args.batches.split(","))
-            ]
-            rows = [Row(variant, side, b, c, float("nan"), float("nan")) for b, c in settings]
+            rows = [Row(variant, side, b, c, float("nan"), float("nan")) for c in contexts for b in batches]
     for r in rows:
         print_row(r)
     return rows
@@ -227,7 +225,7 @@ def main() -> None:
         return
     print(HEADER)
     if args.isolate:
-        rows = [r for v in variants for side in sides for r in isolated(v, side, args)]
+        rows = [r for v in variants for side in sides for r in isolated(v, side, args, contexts, batches)]
     else:
         rows = [r for v in variants for r in run_variant(v, s, device, dtype, contexts, batches,
                                                          args.new_tokens, sides)]  # fmt: skip

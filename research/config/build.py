@@ -95,7 +95,8 @@ def apply_precision_recipe(model: Transformer, cfg: DictConfig) -> str | None:
 
 
 def kept_line(kept: list[str], min_features: int) -> str:
-    """``precision=fp8: 12 layers below 2048 features stay bf16 ...: blocks.*.attn.wq [256->256] x6, ...``"""
+    """The run's line on what FP8 left in bf16, by name with block indices folded:
+    ``... stay bf16 ...: blocks.*.attn.wq [256->256] x6, ...``."""
     if not kept:
         return f"precision=fp8: every projection in FP8 (none below precision.min_features={min_features})"
     counts = Counter(re.sub(r"\.\d+\.", ".*.", name) for name in kept)
